@@ -1,0 +1,4 @@
+from vlm_adapt.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""CLIP's two towers split into stages, so methods reuse open_clip's layers instead of re-writing them.
+
+Vision: `image_tokens` (patch + class + position embeddings, ln_pre) -> `image_layers(a, b)` ->
+`image_head` (ln_post, pooling, projection). Text: `text_embeddings` -> `text_layers(a, b)` ->
+`text_head` (ln_final, end-of-text token, projection). `*_hidden_states` return every layer's
+output for methods that read them (UniPT).
+
+The text tower is causal, so the feature at the end-of-text (EOT) token does not depend on the
+padding after it: every text path here runs only the first `max(eot) + 1` positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlm_adapt.errors import ConfigError
+
+
+@dataclass
+class TextHiddenStates:
+    """Per-layer text tokens (embedding output first), truncated to the longest prompt."""
+
+    layers: list[Tensor]  # L + 1 tensors of shape (N, T, width)
+    eot_index: Tensor  # (N,) position of the end-of-text token
+    pooled: Tensor  # (N, embed_dim) the frozen final feature
+
+
+@dataclass
+class ImageHiddenStates:
+    layers: list[Tensor]  # L + 1 tensors of shape (N, 1 + patches, width)
+    pooled: Tensor  # (N, embed_dim)
+
+
+class CLIPTowers:
+    """Stage-wise access to an open_clip `CLIP` (held by reference, not registered as a submodule)."""
+
+    def __init__(self, clip: nn.Module):
+        self._clip = [clip]  # a list keeps nn.Module from registering it twice
+        pool = getattr(clip, "text_pool_type", "argmax")
+        if pool not in ("argmax", "eos"):
+            raise ConfigError(f"text pool type {pool!r} is not supported; vlm_adapt needs 'argmax' or 'eos'.")
+        if not getattr(clip.visual.transformer, "batch_first", True):
+            raise ConfigError("vlm_adapt needs open_clip transformers in batch-first layout.")
+
+    @property
+    def clip(self) -> nn.Module:
+        return self._clip[0]
+
+    @property
+    def visual(self) -> nn.Module:
+        return self.clip.visual
+
+    @property
+    def num_image_layers(self) -> int:
+        return len(self.visual.transformer.resblocks)
+
+    @property
+    def num_text_layers(self) -> int:
+        return len(self.clip.transformer.resblocks)
+
+    # ---------------------------------------------------------------- vision
+    def image_tokens(self, images: Tensor) -> Tensor:
+        """Embedding output: (N, 1 + patches, width), after ln_pre."""
+        return self.visual._embeds(images)
+
+    def image_layers(self, x: Tensor, start: int = 0, end: int | None = None) -> Tensor:
+        """Run visual resblocks[start:end]."""
+        for block in self.visual.transformer.resblocks[start:end]:
+            x = block(x)
+        return x
+
+    def image_head(self, x: Tensor) -> Tensor:
+        """ln_post, class-token pooling and projection."""
+        pooled, _ = self.visual._pool(x)
+        if self.visual.proj is not None:
+            pooled = pooled @ self.visual.proj
+        return pooled
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        return self.image_head(self.image_layers(self.image_tokens(images)))
+
+    def image_hidden_states(self, images: Tensor) -> ImageHiddenStates:
+        x = self.image_tokens(images)
+        layers = [x]
+        for block in self.visual.transformer.resblocks:
+            x = block(x)
+            layers.append(x)
+        return ImageHiddenStates(layers, self.image_head(x))
+
+    # ------------------------------------------------------------------ text
+    def eot_index(self, tokens: Tensor) -> Tensor:
+        if self.clip.text_pool_type == "eos":
+            return (tokens == self.clip.text_eos_id).int().argmax(dim=-1)
+        return tokens.argmax(dim=-1)
+
+    def token_embeddings(self, tokens: Tensor) -> Tensor:
+        """Word embeddings without positions: (N, context_length, width)."""
+        return self.clip.token_embedding(tokens)
+
+    def text_embeddings(self, word_embeddings: Tensor, length: int) -> Tensor:
+        """First `length` positions of the word embeddings plus positional embeddings."""
+        x = word_embeddings[:, :length]
+        return x + self.clip.positional_embedding[:length].to(x.dtype)
+
+    def text_layers(self, x: Tensor, start: int = 0, end: int | None = None) -> Tensor:
+        """Run text resblocks[start:end] with the causal mask cut to the sequence length."""
+        length = x.shape[1]
+        mask = self.clip.attn_mask[:length, :length]
+        for block in self.clip.transformer.resblocks[start:end]:
+            x = block(x, attn_mask=mask)
+        return x
+
+    def text_head(self, x: Tensor, eot_index: Tensor) -> Tensor:
+        x = self.clip.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), eot_index]
+        projection = self.clip.text_projection
+        if projection is None:
+            return x
+        return projection(x) if isinstance(projection, nn.Linear) else x @ projection
+
+    def encode_text_embeddings(self, word_embeddings: Tensor, eot_index: Tensor) -> Tensor:
+        """Text features from (possibly learned) word embeddings; runs max(eot) + 1 positions only."""
+        length = int(eot_index.max()) + 1
+        x = self.text_layers(self.text_embeddings(word_embeddings, length))
+        return self.text_head(x, eot_index)
+
+    def encode_text(self, tokens: Tensor) -> Tensor:
+        """Same result as open_clip's `encode_text`, without running the padding."""
+        eot = self.eot_index(tokens)
+        return self.encode_text_embeddings(self.token_embeddings(tokens[:, : int(eot.max()) + 1]), eot)
+
+    def text_hidden_states(self, tokens: Tensor) -> TextHiddenStates:
+        eot = self.eot_index(tokens)
+        length = int(eot.max()) + 1
+        x = self.text_embeddings(self.token_embeddings(tokens[:, :length]), length)
+        layers = [x]
+        mask = self.clip.attn_mask[:length, :length]
+        for block in self.clip.transformer.resblocks:
+            x = block(x, attn_mask=mask)
+            layers.append(x)
+        return TextHiddenStates(layers, eot, self.text_head(x, eot))
+
+    def encode_in_chunks(self, encode, inputs: Tensor, eot_index: Tensor, chunk_size: int) -> Tensor:
+        """Apply `encode(inputs_chunk, eot_chunk)` over chunks of prompts sorted by length.
+
+        Sorting puts prompts of similar length together, so each chunk runs only as many
+        positions as its own longest prompt; the result comes back in the original order.
+        """
+        order = torch.argsort(eot_index)
+        outputs = [
+            encode(inputs[idx], eot_index[idx]) for idx in torch.split(order, chunk_size)
+        ]
+        features = torch.cat(outputs)
+        return features[torch.argsort(order)]
+
+
+def normalize(x: Tensor) -> Tensor:
+    return F.normalize(x, dim=-1)

@@ -1,0 +1,65 @@
+"""Builders shared by `train`, `eval` and `bench`: config -> datamodule, method, callbacks, loggers, trainer."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import hydra
+import lightning as L
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf
+
+from vlm_adapt.backbones import Backbone, load_backbone
+from vlm_adapt.data.datamodule import ClassificationDataModule
+from vlm_adapt.methods.base import CLIPMethod
+
+log = logging.getLogger(__name__)
+
+
+def to_plain(cfg: Any) -> Any:
+    """Resolved plain Python values (dicts, lists), so nothing Hydra-typed reaches a module or checkpoint."""
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def build_backbone(cfg: DictConfig) -> Backbone:
+    return load_backbone(**to_plain(cfg.backbone))
+
+
+def build_datamodule(cfg: DictConfig) -> ClassificationDataModule:
+    method = cfg.get("method") or {}
+    return ClassificationDataModule(
+        dataset=to_plain(cfg.data),
+        protocol=to_plain(cfg.protocol),
+        seed=cfg.seed,
+        batch_size=method.get("batch_size", 32),
+        eval_batch_size=cfg.loader.eval_batch_size,
+        num_workers=cfg.loader.num_workers,
+        augment=method.get("augment") or cfg.data.get("augment", "coop"),
+        cache_dir=cfg.paths.cache_dir,
+        targets=to_plain(cfg.protocol.get("targets")),
+    )
+
+
+def method_class(target: str) -> type[CLIPMethod]:
+    cls = hydra.utils.get_class(target)
+    if not (isinstance(cls, type) and issubclass(cls, CLIPMethod)):
+        raise TypeError(f"{target} is not a CLIPMethod")
+    return cls
+
+
+def build_method(module_cfg: dict[str, Any], backbone: Backbone) -> CLIPMethod:
+    kwargs = dict(to_plain(module_cfg))
+    return method_class(kwargs.pop("_target_"))(backbone=backbone, **kwargs)
+
+
+def build_loggers(cfg: DictConfig) -> list[Logger]:
+    return [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
+
+
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    return [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list[Logger]) -> L.Trainer:
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

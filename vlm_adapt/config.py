@@ -1,0 +1,29 @@
+"""Hydra/OmegaConf glue: where the packaged config tree lives, and the resolvers it uses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+CONFIG_PATH = "pkg://vlm_adapt.conf"
+
+
+def repo_root() -> Path | None:
+    """The source checkout this package runs from, if any (None for a plain installed package)."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() and (root / "conf").is_dir() else None
+
+
+def default_data_dir() -> str:
+    """`../shared/data` beside a checkout (the shipped test images), else `./data`."""
+    root = repo_root()
+    return str(root.parent / "shared" / "data") if root is not None else str(Path.cwd() / "data")
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("vlm_adapt_data_dir"):
+        OmegaConf.register_new_resolver("vlm_adapt_data_dir", default_data_dir)
+
+
+register_resolvers()

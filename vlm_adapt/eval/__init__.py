@@ -1,0 +1,1 @@
+"""Evaluating a saved checkpoint on any dataset (`vlm-adapt eval`)."""

@@ -1,0 +1,81 @@
+"""`vlm-adapt eval ckpt_path=... data=...`: a trained method evaluated on any dataset (cross-dataset use).
+
+The checkpoint says which method class and backbone it belongs to; the backbone is rebuilt from
+the checkpoint unless `backbone=` is given, in which case it must be the same one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig
+
+from vlm_adapt import config as _config
+from vlm_adapt.backbones import load_backbone
+from vlm_adapt.build import build_backbone, build_datamodule, build_loggers, build_trainer, method_class
+from vlm_adapt.data.label_space import LabelSpace
+from vlm_adapt.errors import ConfigError
+from vlm_adapt.methods.base import CHECKPOINT_KEY, CLIPMethod
+from vlm_adapt.metrics.cost import CostMonitor
+from vlm_adapt.metrics.record import run_identity, task_metrics, write_metrics
+
+log = logging.getLogger(__name__)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path={path} does not exist; pass a run's checkpoints/last.ckpt")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if CHECKPOINT_KEY not in checkpoint:
+        raise ConfigError(f"{path} was not written by vlm_adapt (no '{CHECKPOINT_KEY}' entry)")
+    return checkpoint
+
+
+def load_method(checkpoint: dict[str, Any], backbone_cfg: dict[str, Any] | None) -> CLIPMethod:
+    """Rebuild the method from a checkpoint's class, hyperparameters and trained tensors."""
+    meta = checkpoint[CHECKPOINT_KEY]
+    backbone = load_backbone(**(backbone_cfg or meta["backbone"]))
+    model = method_class(meta["method_class"])(backbone=backbone, **checkpoint.get("hyper_parameters", {}))
+    space = meta.get("train_label_space")
+    model.attach_label_spaces(LabelSpace(**space) if space else None, [])
+    model.on_load_checkpoint(checkpoint)  # checks the backbone identity before any tensor is loaded
+    model.load_state_dict(checkpoint["state_dict"], strict=False)
+    return model
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    started = time.perf_counter()
+    datamodule = build_datamodule(cfg)
+    checkpoint = read_checkpoint(cfg.ckpt_path)
+    model = load_method(checkpoint, build_backbone(cfg).identity if cfg.get("backbone") else None)
+    datamodule.set_preprocessing(model.clip.visual.preprocess_cfg)
+    model.attach_label_spaces(model.train_label_space, datamodule.test_label_spaces)
+    model.load_state_dict(checkpoint["state_dict"], strict=False)  # attach rebuilt label-space modules
+
+    cost = CostMonitor()
+    trainer: L.Trainer = build_trainer(cfg, [cost], build_loggers(cfg))
+    trainer.test(model, datamodule=datamodule)
+    meta = checkpoint[CHECKPOINT_KEY]
+    record = run_identity(cfg, meta["method"], model.backbone_identity) | {
+        "status": "completed",
+        "output_dir": cfg.paths.output_dir,
+        "checkpoint": str(cfg.ckpt_path),
+        "metrics": task_metrics(trainer.callback_metrics),
+        "cost": cost.final_figures(model) | {"wall_time_s": round(time.perf_counter() - started, 3)},
+    }
+    if trainer.is_global_zero:
+        path = write_metrics(cfg.paths.output_dir, record)
+        print(f"metrics: {path}", *[f"  {k} = {v}" for k, v in record["metrics"].items()], sep="\n", flush=True)
+    return record
+
+
+@hydra.main(version_base="1.3", config_path=_config.CONFIG_PATH, config_name="eval")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)

@@ -1,0 +1,25 @@
+"""Zero-shot CLIP: no training; optionally an ensemble of templates (mean of normalized features)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from vlm_adapt.backbones import Backbone
+from vlm_adapt.data.label_space import LabelSpace
+from vlm_adapt.methods.base import CLIPMethod
+
+
+class ZeroShot(CLIPMethod):
+    method_name = "zero_shot"
+    trains = False
+
+    def __init__(self, backbone: Backbone, templates: list[str] | None = None, **kwargs: Any):
+        """`templates`: prompt templates to ensemble instead of each dataset's own."""
+        super().__init__(backbone, **kwargs)
+
+    def encode_label_space(self, space: LabelSpace) -> Tensor:
+        if self.hparams.templates:
+            space = LabelSpace(space.name, space.classnames, tuple(self.hparams.templates))
+        return super().encode_label_space(space)

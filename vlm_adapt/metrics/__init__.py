@@ -1,0 +1,1 @@
+"""Task metrics (accuracy, base/new HM, retrieval recall) and cost figures (parameters, memory, time)."""

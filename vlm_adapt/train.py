@@ -1,0 +1,109 @@
+"""`vlm-adapt train`: datamodule -> backbone -> method -> trainer; fit, test, write metrics.json.
+
+Returns the value of `optimized_metric` so Optuna sweeps can maximise it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from vlm_adapt import config as _config  # noqa: F401  (registers resolvers)
+from vlm_adapt.backbones.loading import RANDOM_INIT_BANNER
+from vlm_adapt.build import build_backbone, build_callbacks, build_datamodule, build_loggers, build_method, build_trainer
+from vlm_adapt.metrics.cost import CostMonitor
+from vlm_adapt.metrics.record import run_identity, task_metrics, write_metrics
+
+log = logging.getLogger(__name__)
+
+
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """An explicit `ckpt_path`, else with `resume: true` the run directory's own last checkpoint."""
+    if cfg.get("ckpt_path"):
+        if not Path(cfg.ckpt_path).is_file():
+            raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist; give a run's checkpoints/last.ckpt")
+        return str(cfg.ckpt_path)
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    if cfg.get("resume") and last.is_file():
+        log.info("Resuming from %s", last)
+        return str(last)
+    return None
+
+
+def finish_loggers(trainer: L.Trainer, record: dict[str, Any]) -> None:
+    """Send the run's figures to every logger and close them (one wandb run per multirun job)."""
+    flat = {k: v for k, v in record["metrics"].items()}
+    flat.update({f"cost/{k}": v for k, v in record["cost"].items() if isinstance(v, (int, float))})
+    for logger in trainer.loggers:
+        logger.log_metrics(flat)
+        logger.finalize("success")
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            wandb.finish()
+
+
+def train(cfg: DictConfig) -> float | None:
+    started = time.perf_counter()
+    output_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = build_datamodule(cfg)  # reads the splits first: a bad dataset fails before the model loads
+    backbone = build_backbone(cfg)
+    datamodule.set_preprocessing(backbone.model.visual.preprocess_cfg)
+    model = build_method(cfg.method.module, backbone)
+    model.attach_label_spaces(datamodule.train_label_space, datamodule.test_label_spaces)
+    if datamodule.train_batch_sampler_factory is None:
+        datamodule.train_batch_sampler_factory = model.train_batch_sampler_factory()
+
+    cost = CostMonitor()
+    trainer = build_trainer(cfg, [cost, *build_callbacks(cfg)], build_loggers(cfg))
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    record = run_identity(cfg, cfg.method.name, backbone.identity) | {"status": "running", "output_dir": str(output_dir)}
+    try:
+        fit_metrics: dict[str, Any] = {}
+        if model.trains:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg))
+            fit_metrics = dict(trainer.callback_metrics)  # the test loop resets callback_metrics
+        trainer.test(model, datamodule=datamodule)
+        checkpoint = output_dir / "checkpoints" / "last.ckpt"
+        if not model.trains:
+            trainer.save_checkpoint(checkpoint)
+    except BaseException as err:
+        if trainer.is_global_zero:
+            write_metrics(output_dir, record | {"status": "failed", "error": f"{type(err).__name__}: {err}"})
+        raise
+    record.update(
+        status="completed",
+        metrics=task_metrics(fit_metrics | dict(trainer.callback_metrics)),
+        cost=cost.final_figures(model) | {"wall_time_s": round(time.perf_counter() - started, 3)},
+        checkpoint=str(checkpoint),
+    )
+    if trainer.is_global_zero:
+        path = write_metrics(output_dir, record)
+        announce(record, path, backbone.random_init)
+    finish_loggers(trainer, record)
+    return record["metrics"].get(cfg.get("optimized_metric") or "")
+
+
+@rank_zero_only
+def announce(record: dict[str, Any], path: Path, random_init: bool) -> None:
+    lines = [f"metrics:    {path}", f"checkpoint: {record['checkpoint']}"]
+    lines += [f"  {k} = {v}" for k, v in record["metrics"].items()]
+    lines += [f"  cost/{k} = {v}" for k, v in record["cost"].items()]
+    if random_init:
+        lines.append(RANDOM_INIT_BANNER.format(model=record["backbone"]))
+    print("\n".join(lines), flush=True)
+
+
+@hydra.main(version_base="1.3", config_path=_config.CONFIG_PATH, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    return train(cfg)
