@@ -1,0 +1,1 @@
+"""Reports: read sweep directories (metrics.json + resolved configs) and write tables and plots."""
