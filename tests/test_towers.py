@@ -26,6 +26,8 @@ def test_truncated_text_encoding_matches_open_clip(model_name):
     assert int(towers.eot_index(tokens).max()) + 1 < 77  # it really ran fewer positions
     torch.testing.assert_close(truncated, reference, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(chunked, reference, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # the untruncated path (for cost comparisons) is open_clip's computation
+        torch.testing.assert_close(CLIPTowers(model, truncate_text=False).encode_text(tokens), reference)
 
 
 def test_split_image_tower_matches_open_clip(tiny):

@@ -38,8 +38,10 @@ class ImageHiddenStates:
 class CLIPTowers:
     """Stage-wise access to an open_clip `CLIP` (held by reference, not registered as a submodule)."""
 
-    def __init__(self, clip: nn.Module):
+    def __init__(self, clip: nn.Module, truncate_text: bool = True):
+        """`truncate_text=False` runs all context positions, as open_clip does (for measuring the gain)."""
         self._clip = [clip]  # a list keeps nn.Module from registering it twice
+        self.truncate_text = truncate_text
         pool = getattr(clip, "text_pool_type", "argmax")
         if pool not in ("argmax", "eos"):
             raise ConfigError(f"text pool type {pool!r} is not supported; vlm_adapt needs 'argmax' or 'eos'.")
@@ -97,6 +99,10 @@ class CLIPTowers:
             return (tokens == self.clip.text_eos_id).int().argmax(dim=-1)
         return tokens.argmax(dim=-1)
 
+    def text_length(self, eot_index: Tensor) -> int:
+        """Positions the text tower runs: up to the longest prompt's EOT token (all, untruncated)."""
+        return int(eot_index.max()) + 1 if self.truncate_text else self.clip.positional_embedding.shape[0]
+
     def token_embeddings(self, tokens: Tensor) -> Tensor:
         """Word embeddings without positions: (N, context_length, width)."""
         return self.clip.token_embedding(tokens)
@@ -124,18 +130,17 @@ class CLIPTowers:
 
     def encode_text_embeddings(self, word_embeddings: Tensor, eot_index: Tensor) -> Tensor:
         """Text features from (possibly learned) word embeddings; runs max(eot) + 1 positions only."""
-        length = int(eot_index.max()) + 1
-        x = self.text_layers(self.text_embeddings(word_embeddings, length))
+        x = self.text_layers(self.text_embeddings(word_embeddings, self.text_length(eot_index)))
         return self.text_head(x, eot_index)
 
     def encode_text(self, tokens: Tensor) -> Tensor:
         """Same result as open_clip's `encode_text`, without running the padding."""
         eot = self.eot_index(tokens)
-        return self.encode_text_embeddings(self.token_embeddings(tokens[:, : int(eot.max()) + 1]), eot)
+        return self.encode_text_embeddings(self.token_embeddings(tokens[:, : self.text_length(eot)]), eot)
 
     def text_hidden_states(self, tokens: Tensor) -> TextHiddenStates:
         eot = self.eot_index(tokens)
-        length = int(eot.max()) + 1
+        length = self.text_length(eot)
         x = self.text_embeddings(self.token_embeddings(tokens[:, :length]), length)
         layers = [x]
         mask = self.clip.attn_mask[:length, :length]
