@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Sampler
 from torchvision import transforms as T
 
@@ -33,7 +34,8 @@ def read_dataset(cfg: dict[str, Any]) -> DatasetSplits:
     if layout == "image_folder":
         return read_image_folder(
             cfg["name"], cfg["root"], cfg.get("classnames_file", "classnames.txt"), cfg.get("image_dir", "images"),
-            split_dirs=cfg.get("split_dirs"),
+            split_dirs=cfg.get("split_dirs"), folder_by_index=cfg.get("folder_by_index", False),
+            present_classes_only=cfg.get("present_classes_only", False),
         )
     raise ConfigError(f"data.layout must be 'coop' or 'image_folder', got {layout!r}")
 
@@ -66,6 +68,8 @@ class ClassificationDataModule(L.LightningDataModule):
         self.augment = augment
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.train_batch_sampler_factory = None  # methods may set a batch sampler (Skip Tuning)
+        # methods may wrap the training set (Skip Tuning serves indices into its per-epoch feature cache)
+        self.train_dataset_wrapper = None
 
         self.splits = read_dataset(dataset)
         self.targets = {name: read_dataset({**cfg, "name": name}) for name, cfg in (targets or {}).items()}
@@ -84,6 +88,12 @@ class ClassificationDataModule(L.LightningDataModule):
         for name, splits in self.targets.items():
             space = LabelSpace(name, tuple(splits.classnames), self.target_templates[name])
             self.test_sets.append((space, splits.test, splits.image_dir))
+        names = [space.name for space in self.test_label_spaces]
+        if len(set(names)) < len(names):  # each test set reports test/<name>/acc: names must be unique
+            raise ConfigError(
+                f"Test sets {sorted({n for n in names if names.count(n) > 1})} appear twice (a target with the "
+                "training dataset's name?); drop the target with '~data@protocol.targets.<name>'."
+            )
         self.train_items = self._few_shot(self.splits.train, protocol.get("shots"), "train")
         val_shots = min(protocol["shots"], VAL_SHOTS_MAX) if protocol.get("shots") else None
         self.val_items = self._few_shot(self.splits.val, val_shots, "val")
@@ -104,7 +114,8 @@ class ClassificationDataModule(L.LightningDataModule):
         cache = None
         if self.cache_dir is not None:
             subset = self.protocol.get("train_subset", "all")
-            cache = self.cache_dir / "few_shot" / self.splits.name / f"{split}_{subset}_shots{shots}_seed{self.seed}.json"
+            name = f"{split}_{subset}_shots{shots}_seed{self.seed}.json"
+            cache = self.cache_dir / "few_shot" / self.splits.name / name
         return load_or_sample_few_shot(items, shots, self.seed, cache)
 
     def set_preprocessing(self, preprocess_cfg: dict[str, Any]) -> None:
@@ -128,6 +139,13 @@ class ClassificationDataModule(L.LightningDataModule):
         common = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0, pin_memory=False)
         if batch_sampler is not None:
             return DataLoader(dataset, batch_sampler=batch_sampler, **common)
+        if not shuffle and self.trainer is not None and self.trainer.world_size > 1:
+            # evaluation under DDP: disjoint shares, every image counted once (Lightning's DistributedSampler
+            # would pad the last share with repeated images and skew the accuracy)
+            sampler = UnrepeatedDistributedSampler(
+                dataset, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
+            )
+            return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **common)
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, **common)
 
     def train_dataset(self, transform=None) -> ImageListDataset:
@@ -136,6 +154,8 @@ class ClassificationDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_dataset()
+        if self.train_dataset_wrapper is not None:
+            dataset = self.train_dataset_wrapper(dataset)
         sampler = self.train_batch_sampler_factory(dataset) if self.train_batch_sampler_factory else None
         return self._loader(dataset, self.batch_size, shuffle=True, batch_sampler=sampler)
 

@@ -97,11 +97,16 @@ def read_image_folder(
     split_dirs: dict[str, str | None] | None = None,
     split_ratios: tuple[float, float, float] = (0.5, 0.2, 0.3),
     split_seed: int = 0,
+    folder_by_index: bool = False,
+    present_classes_only: bool = False,
 ) -> DatasetSplits:
     """An image folder `<image_dir>/<folder>/*.jpg` with a class-names file.
 
     `split_dirs` maps train/val/test to sub-folders of `image_dir` (ImageNet: {train: train,
     test: val}); without it each class is split by `split_ratios` (CoOp's 50/20/30) with a fixed seed.
+    `folder_by_index`: class folders are named by their line index 0..C-1 (ImageNet-V2's release).
+    `present_classes_only`: keep only the classes whose folder exists, relabelled 0..K-1 in file
+    order (ImageNet-A and -R hold 200 of the 1000 wnids of ImageNet's class-names file).
     """
     root = Path(root).expanduser()
     images = root / image_dir
@@ -111,6 +116,15 @@ def read_image_folder(
             f"{root}/{image_dir}/<folder>/*.jpg (optionally {image_dir}/{{train,val,test}}/<folder>/)."
         )
     entries = read_classnames_file(root / classnames_file)
+    if folder_by_index:
+        entries = [(str(index), classname) for index, (_, classname) in enumerate(entries)]
+    if present_classes_only:
+        bases = [images / sub for sub in (split_dirs or {}).values() if sub] or [images]
+        entries = [entry for entry in entries if any((base / entry[0]).is_dir() for base in bases)]
+        if not entries:
+            raise DatasetNotFoundError(
+                f"Dataset {name!r}: no class of {root / classnames_file} has a folder under {images}."
+            )
 
     def items_in(base: Path, prefix: str) -> dict[int, list[Item]]:
         found: dict[int, list[Item]] = {}

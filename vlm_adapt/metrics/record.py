@@ -45,6 +45,7 @@ def run_identity(cfg: DictConfig, method: str, backbone: dict[str, Any]) -> dict
         "dataset": cfg.data.name,
         "protocol": cfg.protocol.name,
         "shots": cfg.protocol.get("shots"),
+        "targets": list(cfg.protocol.get("targets") or {}),  # cross-dataset / domain-generalization test sets
         "seed": cfg.seed,
         "backbone": backbone.get("model_name"),
         "pretrained": backbone.get("pretrained"),
