@@ -11,7 +11,9 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from vlm_adapt.backbones import Backbone, load_backbone
+from vlm_adapt.data.captions import CaptionRetrievalDataModule, is_retrieval
 from vlm_adapt.data.datamodule import ClassificationDataModule
+from vlm_adapt.errors import ConfigError
 from vlm_adapt.methods.base import CLIPMethod
 
 log = logging.getLogger(__name__)
@@ -26,8 +28,17 @@ def build_backbone(cfg: DictConfig) -> Backbone:
     return load_backbone(**to_plain(cfg.backbone))
 
 
-def build_datamodule(cfg: DictConfig) -> ClassificationDataModule:
+def build_datamodule(cfg: DictConfig) -> ClassificationDataModule | CaptionRetrievalDataModule:
     method = cfg.get("method") or {}
+    if is_retrieval(to_plain(cfg.protocol), to_plain(cfg.data)):
+        return CaptionRetrievalDataModule(
+            dataset=to_plain(cfg.data),
+            protocol=to_plain(cfg.protocol),
+            batch_size=method.get("batch_size", 32),
+            eval_batch_size=cfg.loader.eval_batch_size,
+            num_workers=cfg.loader.num_workers,
+            augment=method.get("augment") or cfg.data.get("augment", "none"),
+        )
     return ClassificationDataModule(
         dataset=to_plain(cfg.data),
         protocol=to_plain(cfg.protocol),
@@ -62,4 +73,13 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list[Logger]) -> L.Trainer:
-    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    requested = str(cfg.trainer.get("precision"))
+    if requested in ("16", "16-mixed") and trainer.precision != "16-mixed":
+        # Lightning runs fp16 AMP on CPU as bf16-mixed with only a warning: the run would be measured and
+        # recorded under a precision it did not use
+        raise ConfigError(
+            f"trainer.precision={requested} (fp16 mixed precision) needs a GPU, but this run is on "
+            f"{trainer.strategy.root_device.type}. Use trainer.precision=bf16-mixed on CPU, or a GPU (trainer=gpu)."
+        )
+    return trainer

@@ -18,7 +18,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlm_adapt import config as _config  # noqa: F401  (registers resolvers)
 from vlm_adapt.backbones.loading import RANDOM_INIT_BANNER
-from vlm_adapt.build import build_backbone, build_callbacks, build_datamodule, build_loggers, build_method, build_trainer
+from vlm_adapt.build import (
+    build_backbone,
+    build_callbacks,
+    build_datamodule,
+    build_loggers,
+    build_method,
+    build_trainer,
+)
+from vlm_adapt.data.captions import CaptionRetrievalDataModule
+from vlm_adapt.distributed import point_ddp_relaunch_at_job
+from vlm_adapt.errors import ConfigError
 from vlm_adapt.metrics.cost import CostMonitor
 from vlm_adapt.metrics.record import run_identity, task_metrics, write_metrics
 
@@ -39,16 +49,26 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
 
 
 def finish_loggers(trainer: L.Trainer, record: dict[str, Any]) -> None:
-    """Send the run's figures to every logger and close them (one wandb run per multirun job)."""
-    flat = {k: v for k, v in record["metrics"].items()}
+    """Send the run's figures to every logger and close them.
+
+    Task metrics go under `final/`, in percent as in metrics.json (during the run Lightning logged
+    the same names as fractions).
+    """
+    flat = {f"final/{k}": v for k, v in record["metrics"].items()}
     flat.update({f"cost/{k}": v for k, v in record["cost"].items() if isinstance(v, (int, float))})
     for logger in trainer.loggers:
         logger.log_metrics(flat)
-        logger.finalize("success")
+    close_loggers(trainer, "success")
+
+
+def close_loggers(trainer: L.Trainer, status: str) -> None:
+    """Finalize every logger and end the wandb run, so that the next job of a multirun starts its own."""
+    for logger in trainer.loggers:
+        logger.finalize(status)
         if isinstance(logger, WandbLogger):
             import wandb
 
-            wandb.finish()
+            wandb.finish(exit_code=0 if status == "success" else 1)
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -59,15 +79,22 @@ def train(cfg: DictConfig) -> float | None:
     backbone = build_backbone(cfg)
     datamodule.set_preprocessing(backbone.model.visual.preprocess_cfg)
     model = build_method(cfg.method.module, backbone)
-    model.attach_label_spaces(datamodule.train_label_space, datamodule.test_label_spaces)
-    if datamodule.train_batch_sampler_factory is None:
-        datamodule.train_batch_sampler_factory = model.train_batch_sampler_factory()
+    if isinstance(datamodule, CaptionRetrievalDataModule):
+        if not model.supports_retrieval:
+            raise ConfigError(f"method={cfg.method.name} has no image-text retrieval mode; protocol=retrieval needs "
+                              "a method that has one (method=unipt).")
+    else:  # classification: the label spaces the model trains and tests on
+        model.attach_label_spaces(datamodule.train_label_space, datamodule.test_label_spaces)
+        if datamodule.train_batch_sampler_factory is None:
+            datamodule.train_batch_sampler_factory = model.train_batch_sampler_factory()
 
     cost = CostMonitor()
     trainer = build_trainer(cfg, [cost, *build_callbacks(cfg)], build_loggers(cfg))
+    point_ddp_relaunch_at_job(trainer, output_dir)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    record = run_identity(cfg, cfg.method.name, backbone.identity) | {"status": "running", "output_dir": str(output_dir)}
+    record = run_identity(cfg, cfg.method.name, backbone.identity)
+    record.update(status="running", output_dir=str(output_dir))
     try:
         fit_metrics: dict[str, Any] = {}
         if model.trains:
@@ -75,11 +102,13 @@ def train(cfg: DictConfig) -> float | None:
             fit_metrics = dict(trainer.callback_metrics)  # the test loop resets callback_metrics
         trainer.test(model, datamodule=datamodule)
         checkpoint = output_dir / "checkpoints" / "last.ckpt"
-        if not model.trains:
+        # rank 0 decides for all ranks: saving is collective, and rank 0 may have written the file already
+        if not trainer.strategy.broadcast(checkpoint.is_file()):  # zero-shot, or no optimizer steps (linear probe)
             trainer.save_checkpoint(checkpoint)
     except BaseException as err:
         if trainer.is_global_zero:
             write_metrics(output_dir, record | {"status": "failed", "error": f"{type(err).__name__}: {err}"})
+        close_loggers(trainer, "failed")
         raise
     record.update(
         status="completed",

@@ -8,8 +8,9 @@ Checkpoints hold only the trainable parameters plus the identity of the backbone
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import hydra
 import lightning as L
@@ -35,6 +36,7 @@ class CLIPMethod(L.LightningModule):
 
     method_name: ClassVar[str] = "clip"
     trains: ClassVar[bool] = True
+    supports_retrieval: ClassVar[bool] = False  # has an image-text retrieval mode (protocol=retrieval)
 
     def __init__(
         self,
@@ -43,13 +45,17 @@ class CLIPMethod(L.LightningModule):
         scheduler: dict[str, Any] | None = None,
         scheduler_interval: str = "epoch",
         text_chunk_size: int = 256,
+        truncate_text: bool = True,
     ):
+        """`text_chunk_size`: prompts encoded at once; `truncate_text`: run the text tower only up to
+        the longest prompt of each chunk (exact, since the tower is causal; False reproduces open_clip's
+        full 77-position cost)."""
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
         self.clip = backbone.model
         self.tokenizer = backbone.tokenizer
         self.backbone_identity = dict(backbone.identity)
-        self.towers = CLIPTowers(self.clip)
+        self.towers = CLIPTowers(self.clip, truncate_text)
         self.strict_loading = False  # checkpoints hold only the trainable parameters
         self.train_label_space: LabelSpace | None = None
         self.test_label_spaces: list[LabelSpace] = []
