@@ -137,3 +137,13 @@ def test_unipt_retrieval_run_writes_recalls_to_metrics_json(make_cfg, tmp_path):
 def test_a_method_without_retrieval_mode_is_refused(make_cfg):
     with pytest.raises(ConfigError, match="method=unipt"):
         train(make_cfg("method=coop", "data=coco_captions", "protocol=retrieval"))
+
+
+@pytest.mark.parametrize("method", ["zero_shot", "ft"])
+def test_zero_shot_and_full_fine_tuning_retrieval_baselines(make_cfg, tmp_path, method):
+    train(make_cfg(f"method={method}", "data=coco_captions", "protocol=retrieval", "method.batch_size=64",
+                   "trainer.limit_train_batches=2"))
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert record["method"] == method and record["status"] == "completed"
+    assert 0.0 < record["metrics"]["test/i2t/r10"] <= 100.0 and 0.0 < record["metrics"]["test/t2i/r10"] <= 100.0
+    assert record["cost"]["train_steps"] == (0 if method == "zero_shot" else 2)

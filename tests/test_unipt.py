@@ -13,7 +13,8 @@ from vlm_adapt.build import build_backbone, build_datamodule, build_method, buil
 from vlm_adapt.data.feature_cache import FeatureCache, TowerStates
 from vlm_adapt.errors import ConfigError
 from vlm_adapt.methods.ft import FullFineTuning
-from vlm_adapt.methods.unipt import ParallelNetwork, UniPT, contrastive_loss
+from vlm_adapt.methods.unipt import ParallelNetwork, UniPT
+from vlm_adapt.metrics.retrieval import contrastive_loss
 
 ADAMW = {"_target_": "torch.optim.AdamW", "lr": 1e-3}
 CAPTIONS = [

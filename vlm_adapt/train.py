@@ -81,8 +81,10 @@ def train(cfg: DictConfig) -> float | None:
     model = build_method(cfg.method.module, backbone)
     if isinstance(datamodule, CaptionRetrievalDataModule):
         if not model.supports_retrieval:
-            raise ConfigError(f"method={cfg.method.name} has no image-text retrieval mode; protocol=retrieval needs "
-                              "a method that has one (method=unipt).")
+            raise ConfigError(
+                f"method={cfg.method.name} has no image-text retrieval mode; protocol=retrieval needs one of "
+                "method=zero_shot, method=ft, method=unipt."
+            )
     else:  # classification: the label spaces the model trains and tests on
         model.attach_label_spaces(datamodule.train_label_space, datamodule.test_label_spaces)
         if datamodule.train_batch_sampler_factory is None:

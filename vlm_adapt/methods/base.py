@@ -22,9 +22,11 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from vlm_adapt.backbones import Backbone, CLIPTowers
 from vlm_adapt.backbones.towers import normalize
+from vlm_adapt.data.captions import CaptionRetrievalDataModule
 from vlm_adapt.data.label_space import LabelSpace
 from vlm_adapt.errors import BackboneMismatchError, ConfigError
 from vlm_adapt.methods.schedulers import build_scheduler
+from vlm_adapt.metrics.retrieval import contrastive_loss, recall_sum_percent, recalls_from_features
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,9 @@ class CLIPMethod(L.LightningModule):
 
     method_name: ClassVar[str] = "clip"
     trains: ClassVar[bool] = True
-    supports_retrieval: ClassVar[bool] = False  # has an image-text retrieval mode (protocol=retrieval)
+    # image-text retrieval (protocol=retrieval): for methods whose image and caption encoders are the
+    # adapted model itself (not prompt learners tied to class names)
+    supports_retrieval: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -60,6 +64,8 @@ class CLIPMethod(L.LightningModule):
         self.train_label_space: LabelSpace | None = None
         self.test_label_spaces: list[LabelSpace] = []
         self._text_cache: dict[str, Tensor] = {}
+        self.retrieval = False  # set in setup() from the datamodule
+        self._retrieval_outputs: dict[str, list[tuple[Tensor, ...]]] = {"images": [], "captions": []}
         self.clip.requires_grad_(False)
         self.select_trainable()
 
@@ -74,12 +80,13 @@ class CLIPMethod(L.LightningModule):
     def image_features_need_grad(self) -> bool:
         return any(p.requires_grad for p in self.clip.visual.parameters())
 
-    def encode_images(self, images: Tensor) -> Tensor:
+    def encode_images(self, images: Tensor, index: Tensor | None = None) -> Tensor:
+        """Image features; `index` (training samples' dataset indices) lets caching methods reuse work."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.image_features_need_grad()):
             return self.towers.encode_image(images)
 
-    def encode_prompts(self, prompts: list[str]) -> Tensor:
-        """Unnormalized text features of prompts, encoded in chunks of `text_chunk_size`."""
+    def encode_prompts(self, prompts: list[str], index: Tensor | None = None) -> Tensor:
+        """Unnormalized text features of prompts or captions, encoded in chunks of `text_chunk_size`."""
         tokens = self.tokenizer(prompts).to(self.device)
         return self.towers.encode_in_chunks(
             lambda tok, _: self.towers.encode_text(tok), tokens, self.towers.eot_index(tokens),
@@ -135,7 +142,13 @@ class CLIPMethod(L.LightningModule):
     def forward(self, images: Tensor, space: LabelSpace) -> Tensor:
         return self.logits(self.encode_images(images), self.class_text_features(space))
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        self.retrieval = isinstance(datamodule, CaptionRetrievalDataModule)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        if self.retrieval:
+            return self.retrieval_training_step(batch)
         images, labels = batch
         text_features = self.class_text_features(self.train_label_space)
         logits = self.logits(self.encode_images(images), text_features)
@@ -144,6 +157,20 @@ class CLIPMethod(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(labels))
         return loss
+
+    def retrieval_training_step(self, batch: tuple[Tensor, Tensor, Tensor, list[str]]) -> Tensor:
+        """Symmetric InfoNCE over (image, caption) pairs."""
+        image_index, images, caption_index, captions = batch
+        image_features = self.encode_images(images, image_index)
+        text_features = normalize(self.encode_prompts(list(captions), caption_index))
+        loss = contrastive_loss(self.logits(image_features, text_features), image_index)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(image_index))
+        return loss
+
+    def on_train_epoch_start(self) -> None:
+        optimizer = self.optimizers(use_pl_optimizer=False) if self.trainer.optimizers else None
+        if optimizer is not None:  # logged here rather than by LearningRateMonitor, which needs a logger
+            self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=False, on_epoch=True)
 
     def _refresh_text_cache(self) -> None:
         if self.text_features_need_grad():
@@ -154,13 +181,23 @@ class CLIPMethod(L.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self._refresh_text_cache()
+        self._retrieval_outputs = {"images": [], "captions": []}
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         images, labels = batch
         self.val_acc(self(images, self.train_label_space), labels)
         self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.retrieval:  # loader 0: images, loader 1: captions; recalls at the end of the epoch
+            if dataloader_idx == 0:
+                image_index, images = batch
+                self._retrieval_outputs["images"].append((image_index, normalize(self.encode_images(images))))
+            else:
+                caption_index, caption_image, captions = batch
+                features = normalize(self.encode_prompts(list(captions)))
+                self._retrieval_outputs["captions"].append((caption_index, caption_image, features))
+            return
         space = self.test_label_spaces[dataloader_idx]
         if not self.supports_label_space(space):
             return
@@ -168,6 +205,21 @@ class CLIPMethod(L.LightningModule):
         metric = self.test_accs[dataloader_idx]
         metric(self(images, space), labels)
         self.log(f"test/{space.name}/acc", metric, on_epoch=True, add_dataloader_idx=False, batch_size=len(labels))
+
+    def _gathered(self, name: str) -> list[Tensor]:
+        tensors = [torch.cat(parts) for parts in zip(*self._retrieval_outputs[name], strict=True)]
+        if self.trainer.world_size > 1:
+            tensors = [self.all_gather(t).flatten(0, 1) for t in tensors]
+        return tensors
+
+    def on_test_epoch_end(self) -> None:
+        if not self.retrieval:
+            return
+        recalls = recalls_from_features(*self._gathered("images"), *self._gathered("captions"))
+        for key, value in recalls.items():
+            self.log(f"test/{key}", value, add_dataloader_idx=False)
+        self.log("test/rsum", round(recall_sum_percent(recalls), 4), add_dataloader_idx=False)
+        self._retrieval_outputs = {"images": [], "captions": []}
 
     # ------------------------------------------------------------ optimisation
     def trainable_parameter_names(self) -> list[str]:

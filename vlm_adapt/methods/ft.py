@@ -7,6 +7,7 @@ from vlm_adapt.methods.base import CLIPMethod
 
 class FullFineTuning(CLIPMethod):
     method_name = "ft"
+    supports_retrieval = True
 
     def select_trainable(self) -> None:
         self.clip.requires_grad_(True)

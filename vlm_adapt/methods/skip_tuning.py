@@ -230,6 +230,7 @@ class SkipTuning(CLIPMethod):
 
     # ------------------------------------------------------------ Lightning wiring
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         if stage != "fit":
             return
         if self.prompt_tokens is None:
@@ -251,6 +252,7 @@ class SkipTuning(CLIPMethod):
         return CachedImageIndex(images)
 
     def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
         self.refresh_image_cache()
 
     def refresh_image_cache(self) -> None:

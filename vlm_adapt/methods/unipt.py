@@ -44,12 +44,10 @@ from torch import Tensor, nn
 
 from vlm_adapt.backbones import Backbone
 from vlm_adapt.backbones.towers import normalize
-from vlm_adapt.data.captions import CaptionRetrievalDataModule
 from vlm_adapt.data.feature_cache import FeatureCache, IndexedDataset, TowerStates
 from vlm_adapt.data.label_space import LabelSpace
 from vlm_adapt.errors import ConfigError
 from vlm_adapt.methods.base import CLIPMethod
-from vlm_adapt.metrics.retrieval import recall_sum_percent, recalls_from_features
 
 log = logging.getLogger(__name__)
 
@@ -90,17 +88,6 @@ class ParallelNetwork(nn.Module):
         return pooled + self.up(merged)
 
 
-def contrastive_loss(logits: Tensor, image_index: Tensor) -> Tensor:
-    """Symmetric InfoNCE over a batch of (image, caption) pairs; logits are (images, captions).
-
-    Pairs that share an image (two captions of one picture) are both positives, with the target
-    mass split between them; without repeats this is CLIP's loss, cross-entropy on the diagonal.
-    """
-    positives = (image_index[:, None] == image_index[None, :]).to(logits.dtype)
-    targets = positives / positives.sum(dim=1, keepdim=True)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
-
-
 class UniPT(CLIPMethod):
     """Both parallel networks train; the task (classification or retrieval) comes from the datamodule."""
 
@@ -134,11 +121,9 @@ class UniPT(CLIPMethod):
         self.text_parallel = ParallelNetwork(
             self.towers.num_text_layers + 1, self.clip.transformer.width, embed_dim, factor
         )
-        self.retrieval = False
         self.image_cache: FeatureCache | None = None
         self.caption_cache: FeatureCache | None = None
         self._prompt_states: dict[str, list[tuple[Tensor, TowerStates]]] = {}
-        self._retrieval_outputs: dict[str, list[tuple[Tensor, ...]]] = {"images": [], "captions": []}
 
     # ------------------------------------------------------------ frozen backbone
     def image_states(self, images: Tensor) -> TowerStates:
@@ -209,9 +194,9 @@ class UniPT(CLIPMethod):
 
     # ------------------------------------------------------------ task and cache set-up
     def setup(self, stage: str) -> None:
-        """Read the task from the datamodule; for fitting, create the caches when inputs repeat exactly."""
+        """For fitting, create the caches when inputs repeat exactly (no augmentation)."""
+        super().setup(stage)
         datamodule = self.trainer.datamodule
-        self.retrieval = isinstance(datamodule, CaptionRetrievalDataModule)
         if stage != "fit":
             return
         self.image_cache = self.caption_cache = None
@@ -247,42 +232,3 @@ class UniPT(CLIPMethod):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(labels))
         return loss
-
-    def retrieval_training_step(self, batch: tuple[Tensor, Tensor, Tensor, list[str]]) -> Tensor:
-        image_index, images, caption_index, captions = batch
-        image_features = self.encode_images(images, image_index)
-        text_features = normalize(self.encode_prompts(list(captions), caption_index))
-        loss = contrastive_loss(self.logits(image_features, text_features), image_index)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(image_index))
-        return loss
-
-    # ------------------------------------------------------------ retrieval evaluation
-    def on_test_epoch_start(self) -> None:
-        super().on_test_epoch_start()
-        self._retrieval_outputs = {"images": [], "captions": []}
-
-    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if not self.retrieval:
-            return super().test_step(batch, batch_idx, dataloader_idx)
-        if dataloader_idx == 0:
-            image_index, images = batch
-            self._retrieval_outputs["images"].append((image_index, normalize(self.encode_images(images))))
-        else:
-            caption_index, caption_image, captions = batch
-            features = normalize(self.encode_prompts(list(captions)))
-            self._retrieval_outputs["captions"].append((caption_index, caption_image, features))
-
-    def _gathered(self, name: str) -> list[Tensor]:
-        tensors = [torch.cat(parts) for parts in zip(*self._retrieval_outputs[name], strict=True)]
-        if self.trainer.world_size > 1:
-            tensors = [self.all_gather(t).flatten(0, 1) for t in tensors]
-        return tensors
-
-    def on_test_epoch_end(self) -> None:
-        if not self.retrieval:
-            return
-        recalls = recalls_from_features(*self._gathered("images"), *self._gathered("captions"))
-        for key, value in recalls.items():
-            self.log(f"test/{key}", value, add_dataloader_idx=False)
-        self.log("test/rsum", recall_sum_percent(recalls), add_dataloader_idx=False)
-        self._retrieval_outputs = {"images": [], "captions": []}

@@ -14,6 +14,7 @@ from vlm_adapt.methods.base import CLIPMethod
 class ZeroShot(CLIPMethod):
     method_name = "zero_shot"
     trains = False
+    supports_retrieval = True
 
     def __init__(self, backbone: Backbone, templates: list[str] | None = None, **kwargs: Any):
         """`templates`: prompt templates to ensemble instead of each dataset's own."""

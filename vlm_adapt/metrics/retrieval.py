@@ -8,6 +8,7 @@ similar images. Recalls are fractions in [0, 1]; metrics.json stores them in per
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 RECALL_KS = (1, 5, 10)
@@ -81,3 +82,14 @@ def recalls_from_features(
     row_of_image = torch.cumsum(has_caption.long(), dim=0) - 1
     similarity = image_features[image_rows][has_caption] @ caption_features.t()
     return retrieval_recalls(similarity, row_of_image[position], ks)
+
+
+def contrastive_loss(logits: Tensor, image_index: Tensor) -> Tensor:
+    """Symmetric InfoNCE over a batch of (image, caption) pairs; logits are (images, captions).
+
+    Pairs that share an image (two captions of one picture) are both positives, with the target
+    mass split between them; without repeats this is CLIP's loss, cross-entropy on the diagonal.
+    """
+    positives = (image_index[:, None] == image_index[None, :]).to(logits.dtype)
+    targets = positives / positives.sum(dim=1, keepdim=True)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
