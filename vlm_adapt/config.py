@@ -21,9 +21,23 @@ def default_data_dir() -> str:
     return str(root.parent / "shared" / "data") if root is not None else str(Path.cwd() / "data")
 
 
+def slurm_gpus(accelerator: str, devices: int) -> int:
+    """GPUs a launcher requests per node: Lightning's devices when it may train on GPUs, else 0."""
+    return int(devices) if str(accelerator) in ("gpu", "cuda", "auto") else 0
+
+
+def path_name(path: str) -> str:
+    """The last component of a path (`${vlm_adapt_path_name:${hydra:sweep.dir}}` names a sweep)."""
+    return Path(str(path)).name
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("vlm_adapt_data_dir"):
         OmegaConf.register_new_resolver("vlm_adapt_data_dir", default_data_dir)
+    if not OmegaConf.has_resolver("vlm_adapt_slurm_gpus"):
+        OmegaConf.register_new_resolver("vlm_adapt_slurm_gpus", slurm_gpus)
+    if not OmegaConf.has_resolver("vlm_adapt_path_name"):
+        OmegaConf.register_new_resolver("vlm_adapt_path_name", path_name)
 
 
 register_resolvers()

@@ -1,0 +1,28 @@
+"""Mixed precision: bf16-mixed trains on CPU; fp16 mixed precision on CPU is refused, naming the fix."""
+
+import json
+import math
+
+import pytest
+
+from vlm_adapt.errors import ConfigError
+from vlm_adapt.train import train
+
+
+def test_bf16_mixed_cpu_run_completes(make_cfg, tmp_path):
+    cfg = make_cfg("method=coop", "trainer.precision=bf16-mixed", "loader.eval_batch_size=20",
+                   "trainer.limit_test_batches=2")
+    train(cfg)
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert record["status"] == "completed"
+    assert record["cost"]["train_steps"] == 3  # 20 images, batches of 8
+    assert all(math.isfinite(v) for v in record["metrics"].values())
+    assert 0.0 <= record["metrics"]["test/imagenette/acc"] <= 100.0
+
+
+def test_fp16_mixed_on_cpu_is_refused_with_the_fix(make_cfg, tmp_path):
+    # Lightning would run it as bf16-mixed with only a warning, and the run would be recorded as fp16
+    cfg = make_cfg("method=zero_shot", "trainer.precision=16-mixed")
+    with pytest.raises(ConfigError, match="trainer.precision=bf16-mixed"):
+        train(cfg)
+    assert not (tmp_path / "run" / "metrics.json").exists()
