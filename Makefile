@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export WANDB_MODE ?= offline
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-full bench sweep report lint slurm-start slurm-stop clean
+.PHONY: help install train test test-full test-slurm bench report lint slurm-start slurm-stop clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -29,6 +29,10 @@ test: install ## fast test suite (CPU, offline, tiny backbone), under 15 minutes
 test-full: install ## every test, including DDP, sweeps and the local Slurm cluster
 	bash scripts/slurm/start.sh
 	$(BIN)/python -m pytest -q $(ARGS); status=$$?; bash scripts/slurm/stop.sh; exit $$status
+
+test-slurm: install ## the Slurm launcher tests on a local one-node cluster (installs and starts it; needs root)
+	bash scripts/slurm/start.sh
+	$(BIN)/python -m pytest -q -m slurm $(ARGS); status=$$?; bash scripts/slurm/stop.sh; exit $$status
 
 bench: install ## cost benchmark of every method (ARGS=backbone=vit_b16 bench.num_classes=100 ...)
 	$(BIN)/vlm-adapt bench $(ARGS)

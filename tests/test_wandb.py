@@ -108,3 +108,16 @@ def test_two_job_multirun_makes_two_runs_in_one_group(tmp_path):
     assert runs[0].run_id != runs[1].run_id
     assert [r.display_name for r in runs] == [f"zero_shot-imagenette-few_shot-seed{s}" for s in (1, 2)]
     assert {r.run_group for r in runs} == {"train-sweep"}  # named after the sweep directory
+
+
+def test_wandb_goes_offline_without_a_key(monkeypatch, tmp_path):
+    from vlm_adapt.config import wandb_offline
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert wandb_offline()
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert not wandb_offline()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert wandb_offline()

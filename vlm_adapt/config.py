@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -31,11 +32,26 @@ def path_name(path: str) -> str:
     return Path(str(path)).name
 
 
+def wandb_offline() -> bool:
+    """Offline unless a wandb key is configured (WANDB_API_KEY or a `wandb login` entry in ~/.netrc)
+    or WANDB_MODE asks for online: a run without a key still logs, to files `wandb sync` uploads later."""
+    mode = os.environ.get("WANDB_MODE", "")
+    if mode in ("online", "run"):
+        return False
+    if mode in ("offline", "dryrun", "disabled"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    has_login = netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+    return not (os.environ.get("WANDB_API_KEY") or has_login)
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("vlm_adapt_data_dir"):
         OmegaConf.register_new_resolver("vlm_adapt_data_dir", default_data_dir)
     if not OmegaConf.has_resolver("vlm_adapt_slurm_gpus"):
         OmegaConf.register_new_resolver("vlm_adapt_slurm_gpus", slurm_gpus)
+    if not OmegaConf.has_resolver("vlm_adapt_wandb_offline"):
+        OmegaConf.register_new_resolver("vlm_adapt_wandb_offline", wandb_offline)
     if not OmegaConf.has_resolver("vlm_adapt_path_name"):
         OmegaConf.register_new_resolver("vlm_adapt_path_name", path_name)
 

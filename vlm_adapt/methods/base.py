@@ -169,7 +169,9 @@ class CLIPMethod(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         optimizer = self.optimizers(use_pl_optimizer=False) if self.trainer.optimizers else None
-        if optimizer is not None:  # logged here rather than by LearningRateMonitor, which needs a logger
+        # logged here rather than by LearningRateMonitor, which needs a logger; a method without an
+        # optimizer (linear probe) gets Lightning's mock optimizer, which has no param_groups
+        if optimizer is not None and optimizer.param_groups:
             self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=False, on_epoch=True)
 
     def _refresh_text_cache(self) -> None:
