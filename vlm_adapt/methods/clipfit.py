@@ -1,0 +1,70 @@
+"""CLIPFit (Li et al., EMNLP 2024): fine-tune only a few bias and LayerNorm terms of CLIP.
+
+Trainable: the bias of the second FFN linear (`mlp.c_proj.bias`) of every text resblock, and the
+weight and bias of every image-tower LayerNorm (`ln_pre`, `ln_1`/`ln_2` of each resblock,
+`ln_post`): 12 x 512 + 26 x 2 x 768 = 46,080 parameters at ViT-B/16. The loss adds a term that keeps
+each class's text feature near its zero-shot feature: CE + lambda * (1 - mean_c cos(t_c, t0_c)).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlm_adapt.backbones import Backbone
+from vlm_adapt.backbones.loading import count_parameters
+from vlm_adapt.methods.base import CLIPMethod
+
+log = logging.getLogger(__name__)
+
+
+class CLIPFit(CLIPMethod):
+    method_name = "clipfit"
+
+    def __init__(self, backbone: Backbone, reg_weight: float = 8.0, **kwargs: Any):
+        """`reg_weight`: lambda of the text-feature regulariser (8 for base-to-new, 2 or 8 few-shot)."""
+        super().__init__(backbone, **kwargs)
+        # t0: frozen zero-shot features of the training label space, set by `setup("fit")`
+        self.register_buffer("zero_shot_text_features", None, persistent=False)
+        trainable, _ = count_parameters(self)
+        log.info("CLIPFit trains %s parameters (text c_proj biases + image LayerNorms)", f"{trainable:,}")
+
+    def select_trainable(self) -> None:
+        for block in self.clip.transformer.resblocks:
+            block.mlp.c_proj.bias.requires_grad_(True)
+        for module in self.clip.visual.modules():
+            if isinstance(module, nn.LayerNorm):  # open_clip's LayerNorm classes subclass nn.LayerNorm
+                module.requires_grad_(True)
+
+    def on_label_spaces_attached(self) -> None:
+        self.zero_shot_text_features = None  # belongs to the previous training label space
+
+    def setup(self, stage: str) -> None:
+        # Lightning calls setup before restoring a checkpoint, so t0 comes from the untrained backbone
+        # even when a run resumes.
+        super().setup(stage)
+        if stage == "fit" and self.zero_shot_text_features is None:
+            self.store_zero_shot_text_features()
+
+    @torch.no_grad()
+    def store_zero_shot_text_features(self) -> None:
+        """Encode the training label space once with the current (zero-shot) weights: t0."""
+        if self.train_label_space is None:
+            raise RuntimeError("call attach_label_spaces(train, test) before computing CLIPFit's t0")
+        self.zero_shot_text_features = self.encode_label_space(self.train_label_space).detach()
+
+    def text_regulariser(self, text_features: Tensor) -> Tensor:
+        """1 - mean over classes of cos(t_c, t0_c); both are normalized, so cos is a dot product."""
+        if self.zero_shot_text_features is None:
+            raise RuntimeError("CLIPFit's t0 is unset: call setup('fit') or store_zero_shot_text_features()")
+        reference = self.zero_shot_text_features.to(text_features.dtype)
+        return 1.0 - F.cosine_similarity(text_features, reference, dim=-1).mean()
+
+    def training_loss(self, logits: Tensor, labels: Tensor, text_features: Tensor) -> Tensor:
+        regulariser = self.text_regulariser(text_features)
+        self.log("train/text_reg", regulariser, batch_size=len(labels))
+        return F.cross_entropy(logits, labels) + self.hparams.reg_weight * regulariser
