@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from vlm_adapt import config as _config
 from vlm_adapt.backbones import load_backbone
-from vlm_adapt.build import build_backbone, build_datamodule, build_loggers, build_trainer, method_class
+from vlm_adapt.build import build_datamodule, build_loggers, build_trainer, method_class, to_plain
 from vlm_adapt.data.label_space import LabelSpace
 from vlm_adapt.errors import ConfigError
 from vlm_adapt.methods.base import CHECKPOINT_KEY, CLIPMethod
@@ -38,13 +38,16 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def load_method(checkpoint: dict[str, Any], backbone_cfg: dict[str, Any] | None) -> CLIPMethod:
-    """Rebuild the method from a checkpoint's class, hyperparameters and trained tensors."""
+def load_method(
+    checkpoint: dict[str, Any], backbone_cfg: dict[str, Any] | None, test_spaces: list[LabelSpace]
+) -> CLIPMethod:
+    """Rebuild the method from a checkpoint's class, hyperparameters and trained tensors, attached to the
+    checkpoint's training label space and the given test label spaces."""
     meta = checkpoint[CHECKPOINT_KEY]
     backbone = load_backbone(**(backbone_cfg or meta["backbone"]))
     model = method_class(meta["method_class"])(backbone=backbone, **checkpoint.get("hyper_parameters", {}))
     space = meta.get("train_label_space")
-    model.attach_label_spaces(LabelSpace(**space) if space else None, [])
+    model.attach_label_spaces(LabelSpace(**space) if space else None, test_spaces)
     model.on_load_checkpoint(checkpoint)  # checks the backbone identity before any tensor is loaded
     model.load_state_dict(checkpoint["state_dict"], strict=False)
     return model
@@ -54,10 +57,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     datamodule = build_datamodule(cfg)
     checkpoint = read_checkpoint(cfg.ckpt_path)
-    model = load_method(checkpoint, build_backbone(cfg).identity if cfg.get("backbone") else None)
+    backbone_cfg = to_plain(cfg.backbone) if cfg.get("backbone") else None
+    model = load_method(checkpoint, backbone_cfg, datamodule.test_label_spaces)
     datamodule.set_preprocessing(model.clip.visual.preprocess_cfg)
-    model.attach_label_spaces(model.train_label_space, datamodule.test_label_spaces)
-    model.load_state_dict(checkpoint["state_dict"], strict=False)  # attach rebuilt label-space modules
 
     cost = CostMonitor()
     trainer: L.Trainer = build_trainer(cfg, [cost], build_loggers(cfg))
