@@ -38,11 +38,37 @@ def test_few_shot_is_deterministic_per_seed(imagenette):
 
 
 def test_few_shot_sample_is_saved_and_reused(imagenette, tmp_path):
-    cache = tmp_path / "sample.json"
-    first = load_or_sample_few_shot(imagenette.train, 2, 3, cache)
-    assert json.loads(cache.read_text())[0] == [first[0].path, first[0].label, first[0].classname]
-    # a saved sample wins over a fresh draw, so every run with this seed sees the same images
-    assert load_or_sample_few_shot(imagenette.train[::-1], 2, 3, cache) == first
+    first = load_or_sample_few_shot(imagenette.train, 2, 3, tmp_path, "train")
+    (saved,) = tmp_path.glob("train_*.json")
+    assert json.loads(saved.read_text())["items"][0] == [first[0].path, first[0].label, first[0].classname]
+    # the same pool in another order is the same split: the saved sample is reused, not redrawn
+    other = sample_few_shot(imagenette.train, 2, seed=4)
+    saved.write_text(json.dumps({"pool": json.loads(saved.read_text())["pool"],
+                                 "items": [[i.path, i.label, i.classname] for i in other]}))
+    assert load_or_sample_few_shot(imagenette.train[::-1], 2, 3, tmp_path, "train") == other != first
+
+
+def test_few_shot_sample_follows_the_split_not_the_dataset_name(imagenette, tmp_path):
+    """Another copy or version of a dataset with the same name never reuses the first one's sample."""
+    first = load_or_sample_few_shot(imagenette.train, 2, 3, tmp_path, "train")
+    other = [Item("elsewhere/" + i.path, i.label, i.classname) for i in imagenette.train]
+    second = load_or_sample_few_shot(other, 2, 3, tmp_path, "train")
+    assert all(item.path.startswith("elsewhere/") for item in second)
+    assert len(list(tmp_path.glob("train_*.json"))) == 2
+    # the first copy still gets its own sample back
+    assert load_or_sample_few_shot(imagenette.train, 2, 3, tmp_path, "train") == first
+
+
+def test_stale_or_corrupt_saved_sample_is_never_used(imagenette, tmp_path):
+    first = load_or_sample_few_shot(imagenette.train, 2, 3, tmp_path, "train")
+    (saved,) = tmp_path.glob("train_*.json")
+    record = json.loads(saved.read_text())
+    record["items"][0][0] = "images/not-in-this-split.JPEG"  # a sample that does not belong to the pool
+    saved.write_text(json.dumps(record))
+    assert load_or_sample_few_shot(imagenette.train, 2, 3, tmp_path, "train") == first
+    saved.write_text("{truncated")
+    assert load_or_sample_few_shot(imagenette.train, 2, 3, tmp_path, "train") == first
+    assert json.loads(saved.read_text())["items"][0][0] == first[0].path  # rewritten whole
 
 
 def test_base_and_new_classes_are_disjoint_and_relabelled(imagenette):
@@ -97,3 +123,13 @@ def test_imagenet_samples_has_1000_classes():
     splits = read_image_folder("imagenet_samples", SHARED_DATA / "imagenet-samples",
                                split_dirs={"test": "."})
     assert len(splits.classnames) == 1000 and len(splits.test) == 1000
+
+
+@pytest.mark.parametrize("drop_last, batch_size, expected", [(False, 8, [8, 8, 4]), (True, 8, [8, 8]),
+                                                             (True, 32, [20])])
+def test_drop_last_follows_dassls_rule(drop_last, batch_size, expected):
+    """Dassl drops the last partial batch only when the training set holds a full one."""
+    dm = ClassificationDataModule(IMAGENETTE, {"name": "few_shot", "shots": 2}, seed=1, batch_size=batch_size,
+                                  drop_last=drop_last)
+    dm.set_preprocessing({"size": 32, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)})
+    assert [len(labels) for _, labels in dm.train_dataloader()] == expected

@@ -98,7 +98,7 @@ def test_checkpoint_holds_only_trainable_parameters(make_cfg, tmp_path, method):
     datamodule = build_datamodule(cfg)
     model.attach_label_spaces(datamodule.train_label_space, [])
     assert set(checkpoint["state_dict"]) == set(model.trainable_parameter_names())
-    assert checkpoint["vlm_adapt"]["backbone"] == {"model_name": "vlm-tiny", "pretrained": None}
+    assert checkpoint["vlm_adapt"]["backbone"] == {"model_name": "vlm-tiny", "pretrained": None, "quick_gelu": True}
 
 
 def test_run_resumes_from_its_last_checkpoint(make_cfg, tmp_path):

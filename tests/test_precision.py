@@ -15,7 +15,7 @@ def test_bf16_mixed_cpu_run_completes(make_cfg, tmp_path):
     train(cfg)
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert record["status"] == "completed"
-    assert record["cost"]["train_steps"] == 3  # 20 images, batches of 8
+    assert record["cost"]["train_steps"] == 2  # 20 images, batches of 8, the last partial one dropped (Dassl)
     assert all(math.isfinite(v) for v in record["metrics"].values())
     assert 0.0 <= record["metrics"]["test/imagenette/acc"] <= 100.0
 

@@ -202,6 +202,15 @@ def test_single_class_batch_sampler():
     assert any(list(sampler) != batches for _ in range(5))  # reshuffled every epoch
 
 
+def test_single_class_batch_sampler_drops_each_classs_partial_batch_like_the_reference():
+    labels = [0] * 9 + [1] * 8 + [2] * 3  # class 2 is smaller than a batch: it keeps its only batch
+    sampler = SingleClassBatchSampler(labels, batch_size=4, drop_last=True)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 2 + 2 + 1
+    assert sorted(len(batch) for batch in batches) == [3, 4, 4, 4, 4]
+    assert len({i for batch in batches for i in batch if labels[i] == 0}) == 8
+
+
 def test_single_class_batches_only_from_four_shots():
     dataset = ImageListDataset([], ".", None)
     dataset.items = [type("Item", (), {"label": i % 5})() for i in range(15)]  # 3 shots per class

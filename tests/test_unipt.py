@@ -45,12 +45,15 @@ def retrieval_loss(model, images: torch.Tensor, captions: list[str]) -> torch.Te
 def test_parameter_count_at_vit_b16():
     """ViT-B/16: 13 hidden states per tower, widths 768 (vision) and 512 (text), embed_dim 512."""
 
-    def count(factor: int) -> int:
-        towers = (ParallelNetwork(13, 768, 512, factor), ParallelNetwork(13, 512, 512, factor))
+    def count(factor: int, width_from: str = "tower") -> int:
+        towers = (ParallelNetwork(13, 768, 512, factor, width_from), ParallelNetwork(13, 512, 512, factor, width_from))
         return sum(p.numel() for network in towers for p in network.parameters())
 
     assert count(2) == 6_203_778
     assert count(1) == 12_406_530
+    # the reference's rule d = embed_dim / factor: vision d = 512, not 768, at factor 1
+    # vision 13 x (768 x 512 + 512) + 2 x (512 x 512 + 512) + 513, text as above
+    assert count(1, "embed_dim") == 5_644_289 + 3_940_353
 
 
 def test_only_the_parallel_networks_train(tiny):

@@ -49,6 +49,8 @@ def build_datamodule(cfg: DictConfig) -> ClassificationDataModule | CaptionRetri
         augment=method.get("augment") or cfg.data.get("augment", "coop"),
         cache_dir=cfg.paths.cache_dir,
         targets=to_plain(cfg.protocol.get("targets")),
+        drop_last=bool(method.get("drop_last", False)),
+        prompt_templates=cfg.get("prompt_templates", "dataset"),
     )
 
 
@@ -75,11 +77,20 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
 def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list[Logger]) -> L.Trainer:
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     requested = str(cfg.trainer.get("precision"))
+    device = trainer.strategy.root_device.type
     if requested in ("16", "16-mixed") and trainer.precision != "16-mixed":
         # Lightning runs fp16 AMP on CPU as bf16-mixed with only a warning: the run would be measured and
         # recorded under a precision it did not use
         raise ConfigError(
             f"trainer.precision={requested} (fp16 mixed precision) needs a GPU, but this run is on "
-            f"{trainer.strategy.root_device.type}. Use trainer.precision=bf16-mixed on CPU, or a GPU (trainer=gpu)."
+            f"{device}. Use trainer.precision=bf16-mixed on CPU, or a GPU (trainer=gpu)."
+        )
+    if requested in ("16-true", "half") and device != "cuda":
+        # pure fp16 (the references' fp16: weights and optimizer state in half precision) is a GPU recipe;
+        # on CPU half-precision kernels are slow or missing and the numbers would not be the references'
+        raise ConfigError(
+            f"trainer.precision={requested} (pure fp16 weights and optimizer state, as the reference code "
+            f"trains) needs a GPU, but this run is on {device}. Use trainer.precision=bf16-mixed or 32-true "
+            "on CPU, or a GPU (trainer=gpu trainer.precision=16-true)."
         )
     return trainer

@@ -96,7 +96,8 @@ def train(cfg: DictConfig) -> float | None:
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     record = run_identity(cfg, cfg.method.name, backbone.identity)
-    record.update(status="running", output_dir=str(output_dir))
+    record.update(status="running", output_dir=str(output_dir),
+                  few_shot=getattr(datamodule, "few_shot_source", None))  # sampled, CoOp's file, all
     try:
         fit_metrics: dict[str, Any] = {}
         if model.trains:

@@ -61,17 +61,51 @@ def _looks_like_path(value: str) -> bool:
     return os.sep in value or value.endswith((".pt", ".pth", ".bin", ".safetensors")) or value.startswith(".")
 
 
+QUICK_GELU_CHOICES = ("auto", True, False)
+
+
+def resolve_quick_gelu(model_name: str, tag: str | None, quick_gelu: str | bool = "auto") -> tuple[bool, bool]:
+    """(QuickGELU on?, changed from the model config?) for `model_name` loaded with weights `tag`.
+
+    OpenAI's weights (and others, per open_clip's pretrained registry) were trained with QuickGELU;
+    open_clip's plain configs (ViT-B-16) use GELU and only warn when the two disagree, which silently
+    costs accuracy. `auto` follows the tag's registry entry (the model config's own value for weights
+    files, local-dir folders and random weights); an explicit True/False that contradicts the tag is
+    an error, since those weights would then run under an activation they were not trained with.
+    """
+    if quick_gelu not in QUICK_GELU_CHOICES:
+        raise ConfigError(f"backbone.quick_gelu must be auto, true or false, got {quick_gelu!r}")
+    model_value = bool((open_clip.get_model_config(model_name) or {}).get("quick_gelu", False))
+    tag_value = None
+    if tag is not None and tag in open_clip.list_pretrained_tags_by_model(model_name):
+        tag_value = bool(open_clip.get_pretrained_cfg(model_name, tag).get("quick_gelu", False))
+    if quick_gelu == "auto":
+        wanted = model_value if tag_value is None else tag_value
+    else:
+        wanted = bool(quick_gelu)
+        if tag_value is not None and wanted != tag_value:
+            raise ConfigError(
+                f"backbone.quick_gelu={str(wanted).lower()} contradicts the weights: open_clip's {model_name!r} "
+                f"tag {tag!r} was trained with {'QuickGELU' if tag_value else 'GELU'}. Use "
+                "backbone.quick_gelu=auto (the activation the weights were trained with)."
+            )
+    return wanted, wanted != model_value
+
+
 def load_backbone(
     model_name: str,
     pretrained: str | None,
     precision: str = "fp32",
     cache_dir: str | None = None,
+    quick_gelu: str | bool = "auto",
     **_: Any,
 ) -> Backbone:
     """Create the open_clip model, its train/eval transforms and tokenizer.
 
     `pretrained` is an open_clip tag ("openai"), a weights file, a "local-dir:/folder", or None
     for random weights (explicitly only: a missing file is an error, never a silent fallback).
+    `quick_gelu`: the activation, `auto` = the one the tag's weights were trained with
+    (`resolve_quick_gelu`); the identity records it, so checkpoints refuse the other activation.
     """
     name, weights = model_name, pretrained
     if pretrained is not None and pretrained.startswith(LOCAL_DIR_PREFIX):
@@ -98,9 +132,21 @@ def load_backbone(
             f"backbone.pretrained={pretrained!r} is neither a file nor a known tag. " + _weights_help(model_name)
         )
 
+    activation: dict[str, Any] = {}
+    use_quick_gelu = None
+    if not name.startswith(LOCAL_DIR_PREFIX):
+        use_quick_gelu, changed = resolve_quick_gelu(model_name, pretrained, quick_gelu)
+        if changed:
+            log.warning(
+                "%s with weights %r: using QuickGELU=%s (the activation these weights were trained with; "
+                "open_clip's %s config says otherwise). Recorded in the run's backbone identity.",
+                model_name, pretrained, use_quick_gelu, model_name,
+            )
+        # open_clip's force_quick_gelu turns it on; a model keyword (highest priority) turns it off
+        activation = {"force_quick_gelu": True} if use_quick_gelu else {"quick_gelu": False}
     try:
         model, train_transform, eval_transform = open_clip.create_model_and_transforms(
-            name, pretrained=weights, precision=precision, cache_dir=cache_dir
+            name, pretrained=weights, precision=precision, cache_dir=cache_dir, **activation
         )
     except Exception as err:  # open_clip raises many kinds here: network, hub, file format
         if pretrained is None:
@@ -118,8 +164,13 @@ def load_backbone(
     if pretrained is None:
         log.warning(RANDOM_INIT_BANNER.format(model=model_name))
     tokenizer = open_clip.get_tokenizer(name)
-    identity = {"model_name": model_name, "pretrained": pretrained}
+    identity = {"model_name": model_name, "pretrained": pretrained, "quick_gelu": _uses_quick_gelu(model)}
     return Backbone(model, tokenizer, train_transform, eval_transform, model_name, pretrained, identity)
+
+
+def _uses_quick_gelu(model: nn.Module) -> bool:
+    """Whether the built model's MLPs use QuickGELU (read off the modules, not the config)."""
+    return any(isinstance(m, open_clip.transformer.QuickGELU) for m in model.modules())
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:

@@ -16,12 +16,14 @@ from torch.utils.data import DataLoader, Sampler
 from torchvision import transforms as T
 
 from vlm_adapt.data.base_new import select_classes, subset_labels
+from vlm_adapt.data.coop_few_shot import coop_few_shot_path, read_coop_few_shot
 from vlm_adapt.data.datasets import ImageListDataset
 from vlm_adapt.data.few_shot import load_or_sample_few_shot
 from vlm_adapt.data.label_space import LabelSpace
 from vlm_adapt.data.splits import DatasetSplits, Item, read_coop_split, read_image_folder
+from vlm_adapt.data.templates import templates_for
 from vlm_adapt.data.transforms import train_transform
-from vlm_adapt.errors import ConfigError
+from vlm_adapt.errors import ConfigError, DatasetNotFoundError
 
 VAL_SHOTS_MAX = 4  # CoOp validates on min(shots, 4) images per class
 
@@ -40,11 +42,6 @@ def read_dataset(cfg: dict[str, Any]) -> DatasetSplits:
     raise ConfigError(f"data.layout must be 'coop' or 'image_folder', got {layout!r}")
 
 
-def templates_of(cfg: dict[str, Any]) -> tuple[str, ...]:
-    templates = cfg.get("templates") or ["a photo of a {}."]
-    return tuple(templates)
-
-
 class ClassificationDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -57,8 +54,15 @@ class ClassificationDataModule(L.LightningDataModule):
         augment: str = "coop",
         cache_dir: str | None = None,
         targets: dict[str, dict[str, Any]] | None = None,
+        drop_last: bool = False,
+        prompt_templates: str | None = "dataset",
     ):
+        """`drop_last`: drop the last partial training batch, as Dassl does (only when the training set
+        holds at least one full batch; special batch samplers drop each class's partial batch).
+        `prompt_templates`: `dataset` (each data config's templates) or a reference's template set
+        (`vlm_adapt/data/templates.py`), applied to the dataset and every target."""
         super().__init__()
+        self.drop_last = drop_last
         self.dataset_cfg = dataset
         self.protocol = protocol
         self.seed = seed
@@ -73,8 +77,10 @@ class ClassificationDataModule(L.LightningDataModule):
 
         self.splits = read_dataset(dataset)
         self.targets = {name: read_dataset({**cfg, "name": name}) for name, cfg in (targets or {}).items()}
-        self.target_templates = {name: templates_of(cfg) for name, cfg in (targets or {}).items()}
-        self.templates = templates_of(dataset)
+        self.target_templates = {
+            name: templates_for({**cfg, "name": name}, prompt_templates) for name, cfg in (targets or {}).items()
+        }
+        self.templates = templates_for(dataset, prompt_templates)
 
         train_subset = protocol.get("train_subset", "all")
         self.train_labels = subset_labels(len(self.splits.classnames), train_subset)
@@ -94,9 +100,17 @@ class ClassificationDataModule(L.LightningDataModule):
                 f"Test sets {sorted({n for n in names if names.count(n) > 1})} appear twice (a target with the "
                 "training dataset's name?); drop the target with '~data@protocol.targets.<name>'."
             )
-        self.train_items = self._few_shot(self.splits.train, protocol.get("shots"), "train")
+        self.few_shot_source = "sampled" if protocol.get("shots") else "all"
+        coop_sample = self._coop_few_shot(protocol.get("shots"))
+        if coop_sample is not None:
+            self.train_items = select_classes(coop_sample["train"], self.train_labels)
+        else:
+            self.train_items = self._few_shot(self.splits.train, protocol.get("shots"), "train")
         val_shots = min(protocol["shots"], VAL_SHOTS_MAX) if protocol.get("shots") else None
-        self.val_items = self._few_shot(self.splits.val, val_shots, "val")
+        if coop_sample is not None and "val" in coop_sample:
+            self.val_items = select_classes(coop_sample["val"], self.train_labels)
+        else:
+            self.val_items = self._few_shot(self.splits.val, val_shots, "val")
         self.train_transform_fn = None
         self.eval_transform_fn = None
 
@@ -107,16 +121,30 @@ class ClassificationDataModule(L.LightningDataModule):
     def _label_space(self, name: str, classnames: list[str], labels: list[int]) -> LabelSpace:
         return LabelSpace(name, tuple(classnames[i] for i in labels), self.templates)
 
+    def _coop_few_shot(self, shots: int | None) -> dict[str, list[Item]] | None:
+        """CoOp's own sample: `data.few_shot_file`, else `<root>/split_fewshot/shot_K-seed_S.pkl` if present."""
+        if not shots:
+            return None
+        explicit = self.dataset_cfg.get("few_shot_file")
+        root = self.dataset_cfg["root"]
+        path = Path(explicit).expanduser() if explicit else coop_few_shot_path(root, shots, self.seed)
+        if not path.is_file():
+            if explicit:
+                raise DatasetNotFoundError(
+                    f"data.few_shot_file={explicit} does not exist; give CoOp's split_fewshot/shot_K-seed_S.pkl "
+                    "or null (vlm_adapt then draws and saves its own sample)."
+                )
+            return None
+        self.few_shot_source = str(path)
+        return read_coop_few_shot(path, self.splits.train + self.splits.val)
+
     def _few_shot(self, items: list[Item], shots: int | None, split: str) -> list[Item]:
         items = select_classes(items, self.train_labels)
         if not shots:
             return items
-        cache = None
-        if self.cache_dir is not None:
-            subset = self.protocol.get("train_subset", "all")
-            name = f"{split}_{subset}_shots{shots}_seed{self.seed}.json"
-            cache = self.cache_dir / "few_shot" / self.splits.name / name
-        return load_or_sample_few_shot(items, shots, self.seed, cache)
+        cache = self.cache_dir / "few_shot" / self.splits.name if self.cache_dir is not None else None
+        subset = self.protocol.get("train_subset", "all")
+        return load_or_sample_few_shot(items, shots, self.seed, cache, f"{split}_{subset}_shots{shots}_seed{self.seed}")
 
     def set_preprocessing(self, preprocess_cfg: dict[str, Any]) -> None:
         """Build transforms from the backbone's open_clip preprocessing config (size, mean, std)."""
@@ -135,7 +163,9 @@ class ClassificationDataModule(L.LightningDataModule):
         if self.eval_transform_fn is None:
             raise RuntimeError("call set_preprocessing(backbone.model.visual.preprocess_cfg) before using the loaders")
 
-    def _loader(self, dataset, batch_size: int, shuffle: bool, batch_sampler: Sampler | None = None) -> DataLoader:
+    def _loader(
+        self, dataset, batch_size: int, shuffle: bool, batch_sampler: Sampler | None = None, drop_last: bool = False
+    ) -> DataLoader:
         common = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0, pin_memory=False)
         if batch_sampler is not None:
             return DataLoader(dataset, batch_sampler=batch_sampler, **common)
@@ -146,7 +176,7 @@ class ClassificationDataModule(L.LightningDataModule):
                 dataset, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
             )
             return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **common)
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, **common)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, **common)
 
     def train_dataset(self, transform=None) -> ImageListDataset:
         self._check_ready()
@@ -156,8 +186,11 @@ class ClassificationDataModule(L.LightningDataModule):
         dataset = self.train_dataset()
         if self.train_dataset_wrapper is not None:
             dataset = self.train_dataset_wrapper(dataset)
-        sampler = self.train_batch_sampler_factory(dataset) if self.train_batch_sampler_factory else None
-        return self._loader(dataset, self.batch_size, shuffle=True, batch_sampler=sampler)
+        # Dassl's rule: drop the partial batch only when there is a full one
+        drop_last = self.drop_last and len(dataset) >= self.batch_size
+        factory = self.train_batch_sampler_factory
+        sampler = factory(dataset, drop_last=drop_last) if factory else None
+        return self._loader(dataset, self.batch_size, shuffle=True, batch_sampler=sampler, drop_last=drop_last)
 
     def val_dataloader(self) -> DataLoader | list:
         self._check_ready()

@@ -25,6 +25,7 @@ from vlm_adapt.backbones.towers import normalize
 from vlm_adapt.data.captions import CaptionRetrievalDataModule
 from vlm_adapt.data.label_space import LabelSpace
 from vlm_adapt.errors import BackboneMismatchError, ConfigError
+from vlm_adapt.methods.param_groups import build_param_groups
 from vlm_adapt.methods.schedulers import build_scheduler
 from vlm_adapt.metrics.retrieval import contrastive_loss, recall_sum_percent, recalls_from_features
 
@@ -50,10 +51,13 @@ class CLIPMethod(L.LightningModule):
         scheduler_interval: str = "epoch",
         text_chunk_size: int = 256,
         truncate_text: bool = True,
+        param_groups: dict[str, dict[str, Any]] | None = None,
+        no_decay_names: list[str] | None = None,
     ):
         """`text_chunk_size`: prompts encoded at once; `truncate_text`: run the text tower only up to
         the longest prompt of each chunk (exact, since the tower is causal; False reproduces open_clip's
-        full 77-position cost)."""
+        full 77-position cost). `param_groups`, `no_decay_names`: per-part optimizer options
+        (`vlm_adapt/methods/param_groups.py`)."""
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
         self.clip = backbone.model
@@ -228,10 +232,11 @@ class CLIPMethod(L.LightningModule):
         return [name for name, p in self.named_parameters() if p.requires_grad]
 
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.parameters() if p.requires_grad]
-        if not params:
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        if not named:
             raise ConfigError(f"{self.method_name} has no trainable parameters; it evaluates without training.")
-        optimizer = hydra.utils.instantiate(self.hparams.optimizer, params=params)
+        groups = build_param_groups(named, self.hparams.get("param_groups"), self.hparams.get("no_decay_names"))
+        optimizer = hydra.utils.instantiate(self.hparams.optimizer, _partial_=True)(groups)
         interval = self.hparams.scheduler_interval
         total = self.trainer.max_epochs if interval == "epoch" else self.trainer.estimated_stepping_batches
         scheduler = build_scheduler(optimizer, self.hparams.scheduler, int(total))

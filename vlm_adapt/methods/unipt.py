@@ -15,8 +15,9 @@ d = tower width / factor:
 5. ReLU -> Linear(d -> embed_dim), added to the frozen final feature.
 
 Only the two parallel networks train (ViT-B/16: 6,203,778 parameters at factor 2, 12,406,530 at 1).
-d follows the specification (tower width / factor); the reference code uses embed_dim / factor, the
-same for ViT-B/16's text tower (512 wide) but narrower on its vision side (256/512 instead of 384/768).
+d follows the specification (tower width / factor) by default; the reference code uses embed_dim / factor
+(`width_from: embed_dim`, the default of the paper experiments), the same for ViT-B/16's text tower (512 wide)
+but narrower on its vision side (256/512 instead of 384/768).
 
 No backbone activation is kept for backward. Because the backbone is frozen and deterministic, a
 training sample's hidden states are computed the first time it is seen and read back in later epochs
@@ -52,16 +53,24 @@ from vlm_adapt.methods.base import CLIPMethod
 log = logging.getLogger(__name__)
 
 CACHE_PLACES = ("cpu", "device", "none")
+WIDTH_RULES = ("tower", "embed_dim")
 
 
 class ParallelNetwork(nn.Module):
     """UniPT's network beside one frozen tower: layer tokens + frozen feature -> adapted feature."""
 
-    def __init__(self, num_layers: int, width: int, embed_dim: int, factor: int):
+    def __init__(self, num_layers: int, width: int, embed_dim: int, factor: int, width_from: str = "tower"):
+        """d = `width` / factor (`width_from: tower`, the specification) or `embed_dim` / factor
+        (`width_from: embed_dim`, the reference code's rule)."""
         super().__init__()
-        if factor < 1 or width % factor:
-            raise ConfigError(f"UniPT factor must divide the tower width {width} (the paper uses 1 or 2), got {factor}")
-        d = width // factor
+        if width_from not in WIDTH_RULES:
+            raise ConfigError(f"method.module.width_from must be one of {WIDTH_RULES}, got {width_from!r}")
+        base = width if width_from == "tower" else embed_dim
+        if factor < 1 or base % factor:
+            raise ConfigError(
+                f"UniPT factor must divide the {width_from} width {base} (the paper uses 1 or 2), got {factor}"
+            )
+        d = base // factor
         self.token_down = nn.ModuleList(nn.Sequential(nn.ReLU(), nn.Linear(width, d)) for _ in range(num_layers))
         self.anchor_down = nn.Sequential(nn.ReLU(), nn.Linear(embed_dim, d))
         self.confidence = nn.Linear(d, 1)
@@ -98,12 +107,14 @@ class UniPT(CLIPMethod):
         self,
         backbone: Backbone,
         factor: int = 2,
+        width_from: str = "tower",
         cache: str = "cpu",
         cache_dtype: str | None = None,
         max_cache_gb: float | None = 32.0,
         **kwargs: Any,
     ):
-        """`factor`: d = tower width / factor. `cache`: where training samples' hidden states are kept
+        """`factor`: d = tower width / factor (`width_from: embed_dim`: embed_dim / factor, the reference's
+        rule). `cache`: where training samples' hidden states are kept
         across epochs (cpu, device = the model's device, none = re-run the frozen backbone every step);
         `cache_dtype`: their storage dtype (null = the backbone's); `max_cache_gb`: refuse a larger cache."""
         super().__init__(backbone, **kwargs)
@@ -116,10 +127,10 @@ class UniPT(CLIPMethod):
             raise ConfigError("UniPT reads each layer's class token; it needs a ViT pooled by its class token.")
         embed_dim = visual.output_dim
         self.image_parallel = ParallelNetwork(
-            self.towers.num_image_layers + 1, visual.transformer.width, embed_dim, factor
+            self.towers.num_image_layers + 1, visual.transformer.width, embed_dim, factor, width_from
         )
         self.text_parallel = ParallelNetwork(
-            self.towers.num_text_layers + 1, self.clip.transformer.width, embed_dim, factor
+            self.towers.num_text_layers + 1, self.clip.transformer.width, embed_dim, factor, width_from
         )
         self.image_cache: FeatureCache | None = None
         self.caption_cache: FeatureCache | None = None

@@ -50,6 +50,8 @@ def run_identity(cfg: DictConfig, method: str, backbone: dict[str, Any]) -> dict
         "backbone": backbone.get("model_name"),
         "pretrained": backbone.get("pretrained"),
         "random_init": random_init,
+        "quick_gelu": backbone.get("quick_gelu"),
+        "precision": str((cfg.get("trainer") or {}).get("precision", "32-true")),
         "tags": list(cfg.get("tags") or []) + (["random-init"] if random_init else []),
     }
 

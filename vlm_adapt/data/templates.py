@@ -1,0 +1,46 @@
+"""Per-dataset prompt templates of the reference implementations, keyed by vlm_adapt's dataset names.
+
+The data configs (`conf/data/*.yaml`) carry CoOp's templates (`prompt_templates: dataset`). Some
+papers' code uses its own: Skip Tuning's `trainers/baselines/ft_clip.py` differs from CoOp's on 8 of
+the 11 datasets and on ImageNet-Sketch, -A and -R, and CLIPFit's on DTD. `prompt_templates=<set>`
+applies a set to the training dataset and to every cross-dataset / domain-generalization target; a
+dataset the set does not list keeps its config's template.
+"""
+
+from __future__ import annotations
+
+from vlm_adapt.errors import ConfigError
+
+SKIP_TUNING = {
+    "imagenet": "a photo of a {}.",
+    "imagenet_v2": "a photo of a {}.",
+    "imagenet_sketch": "a sketch of a {}.",
+    "imagenet_a": "a bad photo of a {}.",
+    "imagenet_r": "a rendition of a {}.",
+    "caltech101": "itap of a {}.",
+    "dtd": "itap of a {}.",
+    "eurosat": "a centered satellite photo of {}.",
+    "fgvc_aircraft": "a bright photo of a {}, a type of aircraft.",
+    "food101": "a photo of the nice {}.",
+    "oxford_flowers": "a close-up photo of a {}.",
+    "oxford_pets": "a bad photo of a {}, a type of pet.",
+    "sun397": "a photo of a {}.",
+    "stanford_cars": "a photo of the {}, a type of car.",
+    "ucf101": "a photo of a {}, a type of sport.",
+}
+
+TEMPLATE_SETS: dict[str, dict[str, str]] = {"skip_tuning": SKIP_TUNING}
+
+
+def templates_for(dataset_cfg: dict, template_set: str | None) -> tuple[str, ...]:
+    """The templates a dataset is prompted with under `template_set` (`dataset`/None: its config's)."""
+    own = tuple(dataset_cfg.get("templates") or ["a photo of a {}."])
+    if template_set in (None, "dataset"):
+        return own
+    if template_set not in TEMPLATE_SETS:
+        raise ConfigError(
+            f"prompt_templates={template_set!r} is not a template set; use 'dataset' (each data config's "
+            f"templates) or one of {', '.join(sorted(TEMPLATE_SETS))}."
+        )
+    table = TEMPLATE_SETS[template_set]
+    return (table[dataset_cfg["name"]],) if dataset_cfg.get("name") in table else own
