@@ -1,5 +1,8 @@
 """The paper experiments compose to the reference implementations' recipes (values from their configs)."""
 
+from importlib import resources
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import compose_cfg
@@ -103,3 +106,72 @@ def test_skip_tuning_papers_ft_baseline(experiment, epochs, protocol, tmp_path):
 def test_dassl_methods_use_dassls_schedule_and_drop_the_last_batch(method, tmp_path):
     cfg = compose(tmp_path, f"method={method}")
     assert cfg.method.module.scheduler.name == "dassl_cosine" and cfg.method.drop_last is True
+
+
+@pytest.mark.parametrize("data, shots, epochs", [("dtd", 1, 50), ("dtd", 2, 100), ("dtd", 4, 100), ("dtd", 8, 200),
+                                                  ("dtd", 16, 200), ("imagenet", 1, 50), ("imagenet", 16, 50)])
+def test_coop_few_shot_epochs_follow_shots_and_imagenet_trains_50(data, shots, epochs, tmp_path):
+    cfg = compose(tmp_path, "experiment=coop_few_shot", f"data={data}", f"protocol.shots={shots}")
+    assert cfg.trainer.max_epochs == epochs
+    module = cfg.method.module
+    assert (module.n_ctx, module.ctx_init, module.class_token_position, module.csc) == (16, None, "end", False)
+    assert (cfg.method.batch_size, module.optimizer.lr, module.scheduler.warmup_lr) == (32, 2e-3, 1e-5)
+
+
+@pytest.mark.parametrize("experiment, data, reg_weight, epochs", [
+    ("clipfit_base2new", "dtd", 8.0, 100), ("clipfit_base2new", "food101", 8.0, 10),
+    ("clipfit_few_shot", "dtd", 8.0, 100), ("clipfit_few_shot", "eurosat", 2.0, 100),
+    ("clipfit_few_shot", "imagenet", 2.0, 10),
+])
+def test_clipfit_recipes_and_the_references_dtd_template(experiment, data, reg_weight, epochs, tmp_path):
+    cfg = compose(tmp_path, f"experiment={experiment}", f"data={data}")
+    module = cfg.method.module
+    assert (module.reg_weight, cfg.trainer.max_epochs, cfg.method.batch_size) == (reg_weight, epochs, 32)
+    assert (module.optimizer.lr, module.scheduler.name, module.scheduler.warmup_lr) == (2e-3, "dassl_cosine", 1e-5)
+    own = templates_for({"name": data, "templates": list(cfg.data.templates)}, cfg.prompt_templates)
+    assert own == (("a photo of a {}, a type of texture.",) if data == "dtd" else tuple(cfg.data.templates))
+
+
+@pytest.mark.parametrize("data, epochs", [("dtd", 200), ("imagenet", 50)])
+def test_coop_base2new_is_the_cocoop_papers_coop_baseline(data, epochs, tmp_path):
+    cfg = compose(tmp_path, "experiment=coop_base2new", f"data={data}")
+    module = cfg.method.module
+    assert (cfg.protocol.name, cfg.protocol.shots, cfg.trainer.max_epochs) == ("base2new", 16, epochs)
+    assert (module.ctx_init, module.ctx_init_length, module.class_token_position, module.csc) == (
+        "a photo of a", "words", "end", False)
+    model = build_method(compose(tmp_path, "experiment=coop_base2new", "backbone=tiny").method.module,
+                         load_backbone("vlm-tiny", None))
+    assert model.ctx.shape[0] == 4
+
+
+def test_unipt_retrieval_is_the_references_clip4clip_recipe(tmp_path):
+    cfg = compose(tmp_path, "experiment=unipt_retrieval")
+    module = to_plain(cfg.method.module)
+    assert (module["factor"], module["width_from"], module["scheduler_interval"]) == (1, "embed_dim", "step")
+    assert module["optimizer"] | {} == {"_target_": "torch.optim.AdamW", "lr": 1e-4, "eps": 1e-6,
+                                        "weight_decay": 0.2, "betas": [0.9, 0.98]}
+    assert module["scheduler"]["name"] == "clip4clip" and module["scheduler"]["warmup_proportion"] == 0.1
+    assert (cfg.method.batch_size, cfg.trainer.max_epochs, cfg.trainer.gradient_clip_val) == (128, 5, 1.0)
+    tiny = compose(tmp_path, "experiment=unipt_retrieval", "backbone=tiny")
+    model = build_method(tiny.method.module, load_backbone("vlm-tiny", None))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = {g["name"]: g for g in build_param_groups(named, None, module["no_decay_names"])}
+    assert {id(p) for p in groups["default/no_decay"]["params"]} == {id(p) for n, p in named if "bias" in n}
+    assert model.image_parallel.token_down[0][1].out_features == 64  # embed_dim / 1 on the tiny model
+
+
+EXPERIMENTS = sorted(
+    Path(entry.name).stem for entry in (resources.files("vlm_adapt.conf") / "experiment").iterdir()
+    if entry.name.endswith(".yaml")
+)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_builds_its_method(experiment, tmp_path):
+    cfg = compose(tmp_path, f"experiment={experiment}", "backbone=tiny", "++method.module.start_layer=2")
+    if cfg.method.name != "skip_tuning":
+        cfg = compose(tmp_path, f"experiment={experiment}", "backbone=tiny")
+    build_method(cfg.method.module, load_backbone("vlm-tiny", None))
+    if "scheduler" in cfg.method.module:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        build_scheduler(optimizer, to_plain(cfg.method.module.scheduler), 10)

@@ -29,7 +29,10 @@ SKIP_TUNING = {
     "ucf101": "a photo of a {}, a type of sport.",
 }
 
-TEMPLATE_SETS: dict[str, dict[str, str]] = {"skip_tuning": SKIP_TUNING}
+# minglllli/CLIPFit trainers/ClipFit.py: CoOp's templates (the data configs') except DTD
+CLIPFIT = {"dtd": "a photo of a {}, a type of texture."}
+
+TEMPLATE_SETS: dict[str, dict[str, str]] = {"skip_tuning": SKIP_TUNING, "clipfit": CLIPFIT}
 
 
 def templates_for(dataset_cfg: dict, template_set: str | None) -> tuple[str, ...]:
