@@ -225,7 +225,7 @@ def test_train_run_writes_metrics_and_a_checkpoint_of_the_trained_layers(make_cf
     assert record["status"] == "completed" and record["method"] == "skip_tuning"
     assert 0.0 <= record["metrics"]["test/imagenette/acc"] <= 100.0
     assert record["cost"]["train_steps"] == 10  # 4 shots x 10 classes in single-class batches of 4
-    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert set(state) == set(skip_tuning().trainable_parameter_names())
 
 

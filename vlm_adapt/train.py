@@ -26,6 +26,7 @@ from vlm_adapt.build import (
     build_method,
     build_trainer,
 )
+from vlm_adapt.checkpoints import read_checkpoint
 from vlm_adapt.data.captions import CaptionRetrievalDataModule
 from vlm_adapt.distributed import point_ddp_relaunch_at_job
 from vlm_adapt.errors import ConfigError
@@ -38,11 +39,11 @@ log = logging.getLogger(__name__)
 def resume_checkpoint(cfg: DictConfig) -> str | None:
     """An explicit `ckpt_path`, else with `resume: true` the run directory's own last checkpoint."""
     if cfg.get("ckpt_path"):
-        if not Path(cfg.ckpt_path).is_file():
-            raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist; give a run's checkpoints/last.ckpt")
+        read_checkpoint(cfg.ckpt_path)  # refuses directories, foreign files and pickled code with a clear error
         return str(cfg.ckpt_path)
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     if cfg.get("resume") and last.is_file():
+        read_checkpoint(last, key="the run directory's checkpoints/last.ckpt")
         log.info("Resuming from %s", last)
         return str(last)
     return None
@@ -101,7 +102,7 @@ def train(cfg: DictConfig) -> float | None:
     try:
         fit_metrics: dict[str, Any] = {}
         if model.trains:
-            trainer.fit(model, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg))
+            trainer.fit(model, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg), weights_only=True)
             fit_metrics = dict(trainer.callback_metrics)  # the test loop resets callback_metrics
         trainer.test(model, datamodule=datamodule)
         checkpoint = output_dir / "checkpoints" / "last.ckpt"

@@ -8,34 +8,22 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from omegaconf import DictConfig
 
 from vlm_adapt import config as _config
 from vlm_adapt.backbones import load_backbone
 from vlm_adapt.build import build_datamodule, build_loggers, build_trainer, method_class, to_plain
+from vlm_adapt.checkpoints import CHECKPOINT_KEY, read_checkpoint
 from vlm_adapt.data.label_space import LabelSpace
-from vlm_adapt.errors import ConfigError
-from vlm_adapt.methods.base import CHECKPOINT_KEY, CLIPMethod
+from vlm_adapt.methods.base import CLIPMethod
 from vlm_adapt.metrics.cost import CostMonitor
 from vlm_adapt.metrics.record import run_identity, task_metrics, write_metrics
 
 log = logging.getLogger(__name__)
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path={path} does not exist; pass a run's checkpoints/last.ckpt")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if CHECKPOINT_KEY not in checkpoint:
-        raise ConfigError(f"{path} was not written by vlm_adapt (no '{CHECKPOINT_KEY}' entry)")
-    return checkpoint
 
 
 def load_method(

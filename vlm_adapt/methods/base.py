@@ -22,6 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from vlm_adapt.backbones import Backbone, CLIPTowers
 from vlm_adapt.backbones.towers import normalize
+from vlm_adapt.checkpoints import CHECKPOINT_KEY
 from vlm_adapt.data.captions import CaptionRetrievalDataModule
 from vlm_adapt.data.label_space import LabelSpace
 from vlm_adapt.errors import BackboneMismatchError, ConfigError
@@ -31,7 +32,6 @@ from vlm_adapt.metrics.retrieval import contrastive_loss, recall_sum_percent, re
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_KEY = "vlm_adapt"
 
 
 class CLIPMethod(L.LightningModule):
