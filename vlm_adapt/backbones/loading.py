@@ -133,7 +133,6 @@ def load_backbone(
         )
 
     activation: dict[str, Any] = {}
-    use_quick_gelu = None
     if not name.startswith(LOCAL_DIR_PREFIX):
         use_quick_gelu, changed = resolve_quick_gelu(model_name, pretrained, quick_gelu)
         if changed:

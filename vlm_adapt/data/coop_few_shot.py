@@ -48,7 +48,7 @@ def read_coop_few_shot(path: Path, pool: list[Item]) -> dict[str, list[Item]]:
             f"data.few_shot_file={path} is not a CoOp few-shot file ({type(err).__name__}: {err}); it must be "
             "a split_fewshot/shot_K-seed_S.pkl written by CoOp / Dassl. Remove it or set data.few_shot_file=null."
         ) from err
-    by_path = {item.path.replace("\\", "/").lstrip("./"): item for item in pool}
+    by_path = {item.path.replace("\\", "/").removeprefix("./"): item for item in pool}
     result: dict[str, list[Item]] = {}
     for split, entries in splits.items():
         items = []

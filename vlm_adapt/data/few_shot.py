@@ -41,17 +41,18 @@ def sample_few_shot(items: list[Item], shots: int, seed: int) -> list[Item]:
     return chosen
 
 
-def _read_saved(cache_file: Path, pool: list[Item]) -> list[Item] | None:
-    """The saved sample if it is readable and drawn from `pool`; None (redraw) otherwise."""
+def _read_saved(cache_file: Path, pool: list[Item], fingerprint: str) -> list[Item] | None:
+    """The saved sample if it is readable and drawn from `pool` (whose fingerprint is given); None (redraw)
+    otherwise."""
     try:
         saved = json.loads(cache_file.read_text())
         chosen = [Item(str(p), int(label), str(name)) for p, label, name in saved["items"]]
-        fingerprint = saved["pool"]
+        saved_fingerprint = saved["pool"]
     except (OSError, ValueError, TypeError, KeyError) as err:
         log.warning("Few-shot sample %s is unreadable (%s); drawing it again.", cache_file, err)
         return None
     members = set(pool)
-    if fingerprint != pool_fingerprint(pool) or not all(item in members for item in chosen):
+    if saved_fingerprint != fingerprint or not all(item in members for item in chosen):
         log.warning("Few-shot sample %s was drawn from another version of the split; drawing it again.", cache_file)
         return None
     return chosen
@@ -65,7 +66,7 @@ def load_or_sample_few_shot(items: list[Item], shots: int, seed: int, cache_dir:
     fingerprint = pool_fingerprint(items)
     cache_file = cache_dir / f"{stem}_{fingerprint}.json"
     if cache_file.is_file():
-        chosen = _read_saved(cache_file, items)
+        chosen = _read_saved(cache_file, items, fingerprint)
         if chosen is not None:
             return chosen
     chosen = sample_few_shot(items, shots, seed)

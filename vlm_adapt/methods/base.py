@@ -33,7 +33,6 @@ from vlm_adapt.metrics.retrieval import contrastive_loss, recall_sum_percent, re
 log = logging.getLogger(__name__)
 
 
-
 class CLIPMethod(L.LightningModule):
     """Classification with CLIP: logits = exp(logit_scale) * cos(image, class text features)."""
 

@@ -86,20 +86,14 @@ class CoOp(CLIPMethod):
         """Token ids of the prompts with one placeholder X per context vector, and (C, M) positions
         of the context vectors in each prompt."""
         if space.name not in self._prompt_tokens:
-            half = self.n_ctx // 2
+            # context vectors before the class name: all (end), none (front) or the first half (middle)
+            before = {"end": self.n_ctx, "front": 0, "middle": self.n_ctx // 2}[self.class_token_position]
             xs = ["X"] * self.n_ctx
             name_lengths = (self.towers.eot_index(self.tokenizer(list(space.classnames))) - 1).tolist()
             prompts, positions = [], []
             for name, length in zip(space.classnames, name_lengths, strict=True):
-                if self.class_token_position == "end":
-                    text, starts = f"{' '.join(xs)} {name}.", list(range(1, 1 + self.n_ctx))
-                elif self.class_token_position == "front":
-                    text, starts = f"{name} {' '.join(xs)}.", list(range(1 + length, 1 + length + self.n_ctx))
-                else:
-                    text = f"{' '.join(xs[:half])} {name} {' '.join(xs[half:])}.".replace("  ", " ").strip()
-                    starts = list(range(1, 1 + half)) + list(range(1 + half + length, 1 + length + self.n_ctx))
-                prompts.append(text)
-                positions.append(starts)
+                prompts.append(" ".join(xs[:before] + [name] + xs[before:]) + ".")
+                positions.append(list(range(1, 1 + before)) + list(range(1 + before + length, 1 + length + self.n_ctx)))
             self._prompt_tokens[space.name] = (self.tokenizer(prompts), torch.tensor(positions))
         tokens, positions = self._prompt_tokens[space.name]
         return tokens.to(self.device), positions.to(self.device)
