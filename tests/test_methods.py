@@ -98,18 +98,30 @@ def test_checkpoint_holds_only_trainable_parameters(make_cfg, tmp_path, method):
     datamodule = build_datamodule(cfg)
     model.attach_label_spaces(datamodule.train_label_space, [])
     assert set(checkpoint["state_dict"]) == set(model.trainable_parameter_names())
-    assert checkpoint["vlm_adapt"]["backbone"] == {"model_name": "vlm-tiny", "pretrained": None, "quick_gelu": True}
+    assert checkpoint["vlm_adapt"]["backbone"] == {
+        "model_name": "vlm-tiny", "pretrained": None, "quick_gelu": True, "init_seed": 1}
 
 
-def test_run_resumes_from_its_last_checkpoint(make_cfg, tmp_path):
-    """A second run in the same directory (after a crash, or with more epochs) continues the first."""
-    train(make_cfg("method=coop", "method.max_epochs=1", "trainer.limit_test_batches=1"))
+def test_run_resumes_from_its_last_checkpoint(make_cfg, tmp_path, monkeypatch):
+    """The same command again in the directory of a run that crashed continues it from its last checkpoint."""
+    from vlm_adapt.divergence import DivergenceGuard
+
+    def crash_in_second_epoch(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(DivergenceGuard, "on_train_epoch_start", crash_in_second_epoch, raising=False)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(make_cfg("method=coop", "method.max_epochs=2", "trainer.limit_test_batches=1"))
     first = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)
+    assert json.loads((tmp_path / "run/metrics.json").read_text())["status"] == "failed"
+    monkeypatch.undo()
     train(make_cfg("method=coop", "method.max_epochs=2", "trainer.limit_test_batches=1"))
     second = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)
     assert first["epoch"] == 0 and second["epoch"] == 1
     assert second["global_step"] == 2 * first["global_step"]
     assert not torch.equal(first["state_dict"]["ctx"], second["state_dict"]["ctx"])
+    assert json.loads((tmp_path / "run/metrics.json").read_text())["status"] == "completed"
 
 
 def test_checkpoint_evaluates_on_another_dataset_and_rejects_another_backbone(make_cfg, tmp_path):

@@ -25,17 +25,18 @@ def test_fp16_mixed_on_cpu_is_refused_with_the_fix(make_cfg, tmp_path):
     cfg = make_cfg("method=zero_shot", "trainer.precision=16-mixed")
     with pytest.raises(ConfigError, match="trainer.precision=bf16-mixed"):
         train(cfg)
-    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"
 
 
 def test_pure_fp16_on_cpu_is_refused_with_the_fix(make_cfg, tmp_path):
     cfg = make_cfg("method=coop", "trainer.precision=16-true")
     with pytest.raises(ConfigError, match="pure fp16.*needs a GPU.*bf16-mixed or 32-true"):
         train(cfg)
-    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"
 
 
 def test_precision_and_activation_are_recorded(make_cfg, tmp_path):
     train(make_cfg("method=zero_shot", "trainer.limit_test_batches=1"))
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert (record["precision"], record["quick_gelu"], record["few_shot"]) == ("32-true", True, "sampled")
+    assert (record["precision"], record["quick_gelu"], record["few_shot"]["source"]) == ("32-true", True, "sampled")
+    assert (record["few_shot"]["requested"], record["few_shot"]["per_class_min"]) == (2, 2)

@@ -156,7 +156,9 @@ def test_preempted_job_is_requeued_and_resumes_in_its_directory(start_sweep):
     assert f"Resuming from {job / 'checkpoints' / 'last.ckpt'}" in (job / "train.log").read_text()
     assert sorted(p.name for p in sweep.dir.iterdir() if not p.name.startswith(".")) == ["0", "multirun.yaml"]
     record = json.loads((job / "metrics.json").read_text())
-    assert 0 < record["cost"]["train_steps"] < epochs * steps_per_epoch  # continued, did not start over
+    [resume] = record["resumes"]  # continued from its checkpoint, did not start over
+    assert resume["from_step"] > 0 and resume["exact"] and record["cost"]["segments"] == 2
+    assert record["cost"]["train_steps"] == epochs * steps_per_epoch  # counted over both segments
 
 
 @pytest.mark.slow

@@ -129,6 +129,7 @@ def job_config(cfg: DictConfig, method: str, job_dir: Path, split_file: Path, ac
         "data": {
             "name": "bench", "layout": "coop", "root": str(Path(bench.class_source)), "split_file": str(split_file),
             "image_dir": ".", "templates": [TEMPLATE], "augment": "coop",
+            "train_all_classes": False,  # `steps` single-class batches may cover fewer than num_classes classes
         },
         "protocol": {"name": "bench", "shots": None, "train_subset": "all", "test_subsets": ["all"]},
         "seed": cfg.seed,

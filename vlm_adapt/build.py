@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from vlm_adapt.backbones import Backbone, load_backbone
+from vlm_adapt.checkpoints import AtomicCheckpointIO
 from vlm_adapt.data.captions import CaptionRetrievalDataModule, is_retrieval
 from vlm_adapt.data.datamodule import ClassificationDataModule
 from vlm_adapt.errors import ConfigError
@@ -25,7 +26,10 @@ def to_plain(cfg: Any) -> Any:
 
 
 def build_backbone(cfg: DictConfig) -> Backbone:
-    return load_backbone(**to_plain(cfg.backbone))
+    """The configured backbone; random weights are initialised from the run's seed (`backbone.init_seed`)."""
+    kwargs = dict(to_plain(cfg.backbone))
+    kwargs.setdefault("init_seed", cfg.get("seed"))
+    return load_backbone(**kwargs)
 
 
 def build_datamodule(cfg: DictConfig) -> ClassificationDataModule | CaptionRetrievalDataModule:
@@ -75,7 +79,9 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list[Logger]) -> L.Trainer:
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # checkpoints written to a temporary name and renamed: a crash mid-save keeps the previous one
+    plugins = [*(cfg.trainer.get("plugins") or []), AtomicCheckpointIO()]
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
     requested = str(cfg.trainer.get("precision"))
     device = trainer.strategy.root_device.type
     if requested in ("16", "16-mixed") and trainer.precision != "16-mixed":

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import open_clip
+import torch
 from torch import nn
 
 from vlm_adapt.errors import ConfigError, WeightsNotFoundError
@@ -98,6 +99,7 @@ def load_backbone(
     precision: str = "fp32",
     cache_dir: str | None = None,
     quick_gelu: str | bool = "auto",
+    init_seed: int | None = None,
     **_: Any,
 ) -> Backbone:
     """Create the open_clip model, its train/eval transforms and tokenizer.
@@ -106,6 +108,10 @@ def load_backbone(
     for random weights (explicitly only: a missing file is an error, never a silent fallback).
     `quick_gelu`: the activation, `auto` = the one the tag's weights were trained with
     (`resolve_quick_gelu`); the identity records it, so checkpoints refuse the other activation.
+    `init_seed`: the seed of the random initialisation, drawn from a private RNG stream (the global
+    one is left as it was; None: open_clip draws from the global one). With random weights it is part
+    of the identity, so a checkpoint, which holds only the trained tensors, is evaluated on the very
+    backbone it was trained on.
     """
     name, weights = model_name, pretrained
     if pretrained is not None and pretrained.startswith(LOCAL_DIR_PREFIX):
@@ -144,9 +150,12 @@ def load_backbone(
         # open_clip's force_quick_gelu turns it on; a model keyword (highest priority) turns it off
         activation = {"force_quick_gelu": True} if use_quick_gelu else {"quick_gelu": False}
     try:
-        model, train_transform, eval_transform = open_clip.create_model_and_transforms(
-            name, pretrained=weights, precision=precision, cache_dir=cache_dir, **activation
-        )
+        with torch.random.fork_rng(devices=[], enabled=init_seed is not None):
+            if init_seed is not None:
+                torch.manual_seed(init_seed)
+            model, train_transform, eval_transform = open_clip.create_model_and_transforms(
+                name, pretrained=weights, precision=precision, cache_dir=cache_dir, **activation
+            )
     except Exception as err:  # open_clip raises many kinds here: network, hub, file format
         if pretrained is None:
             raise
@@ -164,6 +173,8 @@ def load_backbone(
         log.warning(RANDOM_INIT_BANNER.format(model=model_name))
     tokenizer = open_clip.get_tokenizer(name)
     identity = {"model_name": model_name, "pretrained": pretrained, "quick_gelu": _uses_quick_gelu(model)}
+    if pretrained is None:  # no weights to reload: the seed rebuilds the same random backbone
+        identity["init_seed"] = init_seed
     return Backbone(model, tokenizer, train_transform, eval_transform, model_name, pretrained, identity)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
+from vlm_adapt.data.checks import check_loader_args, check_root
 from vlm_adapt.data.datasets import load_image
 from vlm_adapt.data.transforms import train_transform
 from vlm_adapt.errors import ConfigError, DatasetNotFoundError
@@ -42,7 +43,7 @@ class CaptionSplit:
 
 def read_coco_captions(dataset: dict[str, Any], split: str) -> CaptionSplit:
     """Read split `split` of a COCO-format caption dataset config (images sorted by id)."""
-    root = Path(dataset["root"]).expanduser()
+    root = check_root(dataset)
     splits = dataset.get("splits") or {}
     if split not in splits:
         raise ConfigError(f"data.splits has no split {split!r} (it has {sorted(splits)}); set protocol.*_split.")
@@ -150,6 +151,7 @@ class CaptionRetrievalDataModule(L.LightningDataModule):
         augment: str = "none",
     ):
         super().__init__()
+        check_loader_args(batch_size, eval_batch_size, num_workers)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers

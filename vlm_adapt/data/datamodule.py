@@ -7,6 +7,8 @@ reports. The model reads `train_label_space` and `test_label_spaces`; it never r
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -15,24 +17,32 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Sampler
 from torchvision import transforms as T
 
-from vlm_adapt.data.base_new import select_classes, subset_labels
+from vlm_adapt.data.base_new import SUBSETS, select_classes, subset_labels
+from vlm_adapt.data.checks import EXAMPLES, check_loader_args, check_root, check_shots
 from vlm_adapt.data.coop_few_shot import coop_few_shot_path, read_coop_few_shot
 from vlm_adapt.data.datasets import ImageListDataset
 from vlm_adapt.data.few_shot import load_or_sample_few_shot
 from vlm_adapt.data.label_space import LabelSpace
+from vlm_adapt.data.loaders import EpochSeededLoader
 from vlm_adapt.data.splits import DatasetSplits, Item, read_coop_split, read_image_folder
 from vlm_adapt.data.templates import templates_for
 from vlm_adapt.data.transforms import train_transform
 from vlm_adapt.errors import ConfigError, DatasetNotFoundError
 
+log = logging.getLogger(__name__)
+
 VAL_SHOTS_MAX = 4  # CoOp validates on min(shots, 4) images per class
 
 
-def read_dataset(cfg: dict[str, Any]) -> DatasetSplits:
-    """Read a dataset config (`conf/data/*.yaml`): layout `coop` or `image_folder`."""
+def read_dataset(cfg: dict[str, Any], key: str = "data") -> DatasetSplits:
+    """Read a dataset config (`conf/data/*.yaml`): layout `coop` or `image_folder`. `key` is where the
+    config sits (`data`, `protocol.targets.<name>`), for messages; the root must be set and exist."""
     layout = cfg.get("layout", "coop")
+    if layout in ("coop", "image_folder"):
+        check_root(cfg, key)
     if layout == "coop":
-        return read_coop_split(cfg["name"], cfg["root"], cfg["split_file"], cfg.get("image_dir", "images"))
+        return read_coop_split(cfg["name"], cfg["root"], cfg["split_file"], cfg.get("image_dir", "images"),
+                               train_all_classes=cfg.get("train_all_classes", True))
     if layout == "image_folder":
         return read_image_folder(
             cfg["name"], cfg["root"], cfg.get("classnames_file", "classnames.txt"), cfg.get("image_dir", "images"),
@@ -62,6 +72,8 @@ class ClassificationDataModule(L.LightningDataModule):
         `prompt_templates`: `dataset` (each data config's templates) or a reference's template set
         (`vlm_adapt/data/templates.py`), applied to the dataset and every target."""
         super().__init__()
+        check_loader_args(batch_size, eval_batch_size, num_workers)
+        shots = check_shots(protocol.get("shots"))
         self.drop_last = drop_last
         self.dataset_cfg = dataset
         self.protocol = protocol
@@ -76,18 +88,20 @@ class ClassificationDataModule(L.LightningDataModule):
         self.train_dataset_wrapper = None
 
         self.splits = read_dataset(dataset)
-        self.targets = {name: read_dataset({**cfg, "name": name}) for name, cfg in (targets or {}).items()}
+        targets = targets or {}
+        self.targets = {name: read_dataset({**cfg, "name": name}, f"protocol.targets.{name}")
+                        for name, cfg in targets.items()}
         self.target_templates = {
-            name: templates_for({**cfg, "name": name}, prompt_templates) for name, cfg in (targets or {}).items()
+            name: templates_for({**cfg, "name": name}, prompt_templates) for name, cfg in targets.items()
         }
         self.templates = templates_for(dataset, prompt_templates)
 
         train_subset = protocol.get("train_subset", "all")
-        self.train_labels = subset_labels(len(self.splits.classnames), train_subset)
+        self.train_labels = self._subset_labels("protocol.train_subset", train_subset)
         self.train_label_space = self._label_space("train", self.splits.classnames, self.train_labels)
         self.test_sets: list[tuple[LabelSpace, list[Item], Path]] = []
         for subset in protocol.get("test_subsets", ["all"]):
-            labels = subset_labels(len(self.splits.classnames), subset)
+            labels = self._subset_labels("protocol.test_subsets", subset)
             name = dataset["name"] if subset == "all" else subset
             space = self._label_space(name, self.splits.classnames, labels)
             self.test_sets.append((space, select_classes(self.splits.test, labels), self.splits.image_dir))
@@ -100,13 +114,15 @@ class ClassificationDataModule(L.LightningDataModule):
                 f"Test sets {sorted({n for n in names if names.count(n) > 1})} appear twice (a target with the "
                 "training dataset's name?); drop the target with '~data@protocol.targets.<name>'."
             )
-        self.few_shot_source = "sampled" if protocol.get("shots") else "all"
-        coop_sample = self._coop_few_shot(protocol.get("shots"))
+        self._check_test_sets()
+        self.few_shot_source = "sampled" if shots else "all"
+        coop_sample = self._coop_few_shot(shots)
         if coop_sample is not None:
             self.train_items = select_classes(coop_sample["train"], self.train_labels)
         else:
-            self.train_items = self._few_shot(self.splits.train, protocol.get("shots"), "train")
-        val_shots = min(protocol["shots"], VAL_SHOTS_MAX) if protocol.get("shots") else None
+            self.train_items = self._few_shot(self.splits.train, shots, "train")
+        self.few_shot_record = self._few_shot_record(shots)
+        val_shots = min(shots, VAL_SHOTS_MAX) if shots else None
         if coop_sample is not None and "val" in coop_sample:
             self.val_items = select_classes(coop_sample["val"], self.train_labels)
         else:
@@ -120,6 +136,51 @@ class ClassificationDataModule(L.LightningDataModule):
 
     def _label_space(self, name: str, classnames: list[str], labels: list[int]) -> LabelSpace:
         return LabelSpace(name, tuple(classnames[i] for i in labels), self.templates)
+
+    def _subset_labels(self, key: str, subset: Any) -> list[int]:
+        """The labels of a base/new subset; a subset that is unknown or selects no class names `key`."""
+        classes = len(self.splits.classnames)
+        if subset not in SUBSETS:
+            raise ConfigError(f"{key}: {subset!r} is not a class subset; use one of {', '.join(SUBSETS)}.")
+        labels = subset_labels(classes, subset)
+        if not labels:
+            n_base = len(subset_labels(classes, "base"))
+            raise ConfigError(
+                f"{key}: {subset!r} selects no class of data={self.splits.name} ({classes} classes: base is the "
+                f"first {n_base}, new the rest). Use 'all', or a dataset with more classes."
+            )
+        return labels
+
+    def _check_test_sets(self) -> None:
+        """Every test set must hold images: an empty one would report no accuracy, or a made-up one."""
+        empty = [space.name for space, items, _ in self.test_sets if not items]
+        if empty:
+            raise DatasetNotFoundError(
+                f"Test sets {empty} of this run have no images: give data={self.splits.name} (or the target) a "
+                "test split with those classes, or leave the set out (protocol.test_subsets, "
+                "'~data@protocol.targets.<name>')."
+            )
+
+    def _few_shot_record(self, shots: int | None) -> dict[str, Any]:
+        """What training uses, per class (JSON): `requested` shots and the images each class really has."""
+        counts = Counter(item.label for item in self.train_items)
+        per_class = [counts.get(label, 0) for label in range(len(self.train_labels))]
+        short = [label for label, count in enumerate(per_class) if shots and count < shots]
+        record = {
+            "source": self.few_shot_source, "requested": shots, "classes": len(per_class),
+            "images": len(self.train_items), "per_class_min": min(per_class, default=0),
+            "per_class_max": max(per_class, default=0), "classes_short": len(short),
+        }
+        if short and self.train_items:  # a test-only dataset (no training images) is refused when training
+            names = self.train_label_space.classnames
+            examples = ", ".join(f"{names[label]!r} ({per_class[label]})" for label in short[:EXAMPLES])
+            log.warning(
+                "protocol.shots=%d: %d of %d training classes have fewer images (few-shot source: %s) and train on "
+                "what there is: %s%s. metrics.json records it under few_shot (per_class_min=%d).",
+                shots, len(short), len(per_class), self.few_shot_source, examples,
+                ", ..." if len(short) > EXAMPLES else "", record["per_class_min"],
+            )
+        return record
 
     def _coop_few_shot(self, shots: int | None) -> dict[str, list[Item]] | None:
         """CoOp's own sample: `data.few_shot_file`, else `<root>/split_fewshot/shot_K-seed_S.pkl` if present."""
@@ -136,7 +197,7 @@ class ClassificationDataModule(L.LightningDataModule):
                 )
             return None
         self.few_shot_source = str(path)
-        return read_coop_few_shot(path, self.splits.train + self.splits.val)
+        return read_coop_few_shot(path, self.splits.train + self.splits.val, explicit=bool(explicit))
 
     def _few_shot(self, items: list[Item], shots: int | None, split: str) -> list[Item]:
         items = select_classes(items, self.train_labels)
@@ -180,6 +241,11 @@ class ClassificationDataModule(L.LightningDataModule):
 
     def train_dataset(self, transform=None) -> ImageListDataset:
         self._check_ready()
+        if not self.train_items:  # checked here, not when read: a zero-shot run needs no training images
+            raise DatasetNotFoundError(
+                f"data={self.splits.name} has no training images (a test-only dataset): train on a dataset with a "
+                "train split, or evaluate it without training (method=zero_shot, vlm-adapt eval)."
+            )
         return ImageListDataset(self.train_items, self.splits.image_dir, transform or self.train_transform_fn)
 
     def train_dataloader(self) -> DataLoader:
@@ -190,7 +256,16 @@ class ClassificationDataModule(L.LightningDataModule):
         drop_last = self.drop_last and len(dataset) >= self.batch_size
         factory = self.train_batch_sampler_factory
         sampler = factory(dataset, drop_last=drop_last) if factory else None
-        return self._loader(dataset, self.batch_size, shuffle=True, batch_sampler=sampler, drop_last=drop_last)
+        # the same batches and augmentations in epoch e of every run of a seed, resumed or not
+        common = dict(num_workers=self.num_workers, pin_memory=False, seed=self.seed, epoch_fn=self._current_epoch)
+        if sampler is not None:
+            return EpochSeededLoader(dataset, batch_sampler=sampler, **common)
+        return EpochSeededLoader(dataset, batch_size=self.batch_size, shuffle=True, drop_last=drop_last, **common)
+
+    def _current_epoch(self) -> int:
+        """The epoch the loader's next iterator is for: the epochs processed so far (restored from the
+        checkpoint when resuming, before Lightning's `current_epoch` catches up)."""
+        return self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
 
     def val_dataloader(self) -> DataLoader | list:
         self._check_ready()

@@ -49,13 +49,27 @@ def _read_saved(cache_file: Path, pool: list[Item], fingerprint: str) -> list[It
         chosen = [Item(str(p), int(label), str(name)) for p, label, name in saved["items"]]
         saved_fingerprint = saved["pool"]
     except (OSError, ValueError, TypeError, KeyError) as err:
-        log.warning("Few-shot sample %s is unreadable (%s); drawing it again.", cache_file, err)
+        _move_aside(cache_file, f"{type(err).__name__}: {err}")
         return None
     members = set(pool)
     if saved_fingerprint != fingerprint or not all(item in members for item in chosen):
         log.warning("Few-shot sample %s was drawn from another version of the split; drawing it again.", cache_file)
         return None
     return chosen
+
+
+def _move_aside(cache_file: Path, reason: str) -> None:
+    """Keep a corrupt saved sample as `<name>.corrupt` (for inspection) and say so; the sample is then drawn
+    again, which reproduces it: the draw depends only on the pool and the seed."""
+    aside = cache_file.with_name(cache_file.name + ".corrupt")
+    try:
+        cache_file.replace(aside)
+    except OSError:  # another job of a sweep moved it first, or the folder is read-only
+        aside = None
+    log.warning(
+        "Few-shot sample %s is corrupt (%s)%s; drawing it again with the same seed (the same images).",
+        cache_file, reason, f", moved to {aside}" if aside else "",
+    )
 
 
 def load_or_sample_few_shot(items: list[Item], shots: int, seed: int, cache_dir: Path | None, stem: str) -> list[Item]:

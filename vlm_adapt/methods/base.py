@@ -263,12 +263,24 @@ class CLIPMethod(L.LightningModule):
         meta = checkpoint.get(CHECKPOINT_KEY)
         if meta is None:
             raise ConfigError("This checkpoint was not written by vlm_adapt (no 'vlm_adapt' entry).")
+        own_class = f"{type(self).__module__}.{type(self).__qualname__}"
+        if meta.get("method_class") != own_class:
+            # another method's tensors would load as nothing (strict=False) or fail in the optimizer state
+            raise ConfigError(
+                f"This checkpoint was written by method={meta.get('method')} ({meta.get('method_class')}), but this "
+                f"run is method={self.method_name} ({own_class}). Pass a checkpoint of method={self.method_name}, "
+                f"or run method={meta.get('method')} to continue that one."
+            )
         if meta["backbone"] != self.backbone_identity:
             raise BackboneMismatchError(
                 f"Checkpoint was trained on backbone {meta['backbone']} but the current backbone is "
                 f"{self.backbone_identity}. Load it with the same backbone (backbone=... "
                 "backbone.pretrained=...), or leave the backbone unset in `vlm-adapt eval` to use the checkpoint's."
             )
-        missing = set(meta["state_names"]) - set(checkpoint["state_dict"])
+        missing = (set(meta["state_names"]) | self.checkpoint_state_names()) - set(checkpoint["state_dict"])
         if missing:
-            raise ConfigError(f"Checkpoint is missing trained tensors: {sorted(missing)[:5]}")
+            raise ConfigError(
+                f"This checkpoint of method={meta.get('method')} lacks {len(missing)} tensor(s) that "
+                f"method={self.method_name} trains here ({', '.join(sorted(missing)[:5])}); it was written with "
+                "other method options. Pass the options it was trained with, or another checkpoint."
+            )
