@@ -147,7 +147,6 @@ def test_epoch_cache_has_no_graph_is_replaced_and_reads_each_image_once_per_epoc
     datamodule.train_transform_fn = lambda image: calls.append(1) or augment(image)
     model = build_method(cfg.method.module, backbone)
     model.attach_label_spaces(datamodule.train_label_space, datamodule.test_label_spaces)
-    datamodule.train_batch_sampler_factory = model.train_batch_sampler_factory()
 
     class Recorder(L.Callback):
         def __init__(self):

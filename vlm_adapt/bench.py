@@ -41,6 +41,7 @@ from vlm_adapt.bench_worker import TIMING_FILE, run_job
 from vlm_adapt.build import method_class
 from vlm_adapt.data.splits import IMAGE_SUFFIXES, read_classnames_file
 from vlm_adapt.errors import ConfigError, DatasetNotFoundError
+from vlm_adapt.methods.registry import registered_methods
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,14 @@ def compose_train_config(overrides: list[str]) -> DictConfig:
         return hydra.compose(config_name="train", overrides=overrides)
 
 
+def benched_methods(methods: list[str] | None) -> list[str]:
+    """`bench.methods`, or (null) every registered method that trains and has a config of its name."""
+    if methods is not None:
+        return list(methods)
+    configs = set(available_methods())
+    return [name for name, spec in registered_methods().items() if spec.trains and name in configs]
+
+
 def check_methods(methods: list[str], baseline: str) -> None:
     """Every method must have a config and train; the baseline (for the ratios) must be benched too."""
     if not methods:
@@ -85,7 +94,7 @@ def check_methods(methods: list[str], baseline: str) -> None:
     if baseline not in methods:
         raise ConfigError(f"bench.baseline={baseline!r} is not in bench.methods {methods}; the ratios need it.")
     for method in methods:
-        if not method_class(compose_train_config([f"method={method}"]).method.module._target_).trains:
+        if not method_class(compose_train_config([f"method={method}"]).method.module._target_).spec.trains:
             raise ConfigError(f"method {method!r} does not train, so it has no training cost: leave it out of "
                               "bench.methods.")
 
@@ -315,7 +324,7 @@ def write_outputs(run_dir: Path, settings: dict[str, Any], runs: list[dict[str, 
 def run_bench(cfg: DictConfig) -> list[dict[str, Any]]:
     """Run every (repeat, method) job, write bench.md/json/csv, print the table; returns its rows."""
     bench = cfg.bench
-    methods, baseline = list(bench.methods), bench.baseline
+    methods, baseline = benched_methods(bench.methods), bench.baseline
     check_methods(methods, baseline)
     if bench.steps < 1 or bench.epochs < 2 or bench.repeats < 1:
         raise ConfigError("bench.steps and bench.repeats must be >= 1 and bench.epochs >= 2 (the first epoch "

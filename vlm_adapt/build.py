@@ -62,6 +62,9 @@ def method_class(target: str) -> type[CLIPMethod]:
     cls = hydra.utils.get_class(target)
     if not (isinstance(cls, type) and issubclass(cls, CLIPMethod)):
         raise TypeError(f"{target} is not a CLIPMethod")
+    if "spec" not in vars(cls):  # a subclass inherits its parent's spec: it must register its own name
+        raise ConfigError(f"{target} is not a registered method; decorate it with "
+                          "@register_method(...) from vlm_adapt.methods.registry")
     return cls
 
 

@@ -31,6 +31,7 @@ from vlm_adapt.data.captions import CaptionRetrievalDataModule
 from vlm_adapt.distributed import point_ddp_relaunch_at_job
 from vlm_adapt.divergence import DivergenceGuard
 from vlm_adapt.errors import ConfigError, exit_on_user_error
+from vlm_adapt.methods.registry import RETRIEVAL, methods_supporting
 from vlm_adapt.metrics.cost import CostMonitor
 from vlm_adapt.metrics.record import run_identity, task_metrics, write_metrics
 from vlm_adapt.resume import ResumeState
@@ -100,15 +101,13 @@ def train(cfg: DictConfig) -> float | None:
             datamodule.set_preprocessing(backbone.model.visual.preprocess_cfg)
             model = build_method(cfg.method.module, backbone)
             if isinstance(datamodule, CaptionRetrievalDataModule):
-                if not model.supports_retrieval:
+                if not model.spec.supports(RETRIEVAL):
                     raise ConfigError(
                         f"method={cfg.method.name} has no image-text retrieval mode; protocol=retrieval needs one "
-                        "of method=zero_shot, method=ft, method=unipt."
+                        f"of {', '.join(f'method={name}' for name in methods_supporting(RETRIEVAL))}."
                     )
             else:  # classification: the label spaces the model trains and tests on
                 model.attach_label_spaces(datamodule.train_label_space, datamodule.test_label_spaces)
-                if datamodule.train_batch_sampler_factory is None:
-                    datamodule.train_batch_sampler_factory = model.train_batch_sampler_factory()
 
             cost, resume_state = CostMonitor(), ResumeState()  # resume_state first: it restores the random states
             callbacks = [resume_state, cost, DivergenceGuard(), *build_callbacks(cfg)]

@@ -21,6 +21,7 @@ from vlm_adapt.data.checks import check_loader_args, check_root
 from vlm_adapt.data.datasets import load_image
 from vlm_adapt.data.transforms import train_transform
 from vlm_adapt.errors import ConfigError, DatasetNotFoundError
+from vlm_adapt.methods.registry import RETRIEVAL
 
 CAPTIONS_LAYOUT = "coco_captions"
 LAYOUT_HELP = (
@@ -140,6 +141,8 @@ class CaptionRetrievalDataModule(L.LightningDataModule):
     The test loaders are [images, captions] (dataloader 0 and 1). A retrieval run has no label
     spaces (`train_label_space` is None, `test_label_spaces` empty).
     """
+
+    task = RETRIEVAL  # the task methods run for this data (vlm_adapt/methods/tasks.py)
 
     def __init__(
         self,

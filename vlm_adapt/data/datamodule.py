@@ -22,12 +22,14 @@ from vlm_adapt.data.checks import EXAMPLES, check_loader_args, check_root, check
 from vlm_adapt.data.coop_few_shot import coop_few_shot_path, read_coop_few_shot
 from vlm_adapt.data.datasets import ImageListDataset
 from vlm_adapt.data.few_shot import load_or_sample_few_shot
+from vlm_adapt.data.inputs import TrainingInputs, training_set
 from vlm_adapt.data.label_space import LabelSpace
 from vlm_adapt.data.loaders import EpochSeededLoader
 from vlm_adapt.data.splits import DatasetSplits, Item, read_coop_split, read_image_folder
 from vlm_adapt.data.templates import templates_for
 from vlm_adapt.data.transforms import train_transform
 from vlm_adapt.errors import ConfigError, DatasetNotFoundError
+from vlm_adapt.methods.registry import CLASSIFICATION
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,8 @@ def read_dataset(cfg: dict[str, Any], key: str = "data") -> DatasetSplits:
 
 
 class ClassificationDataModule(L.LightningDataModule):
+    task = CLASSIFICATION  # the task methods run for this data (vlm_adapt/methods/tasks.py)
+
     def __init__(
         self,
         dataset: dict[str, Any],
@@ -83,9 +87,6 @@ class ClassificationDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.augment = augment
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.train_batch_sampler_factory = None  # methods may set a batch sampler (Skip Tuning)
-        # methods may wrap the training set (Skip Tuning serves indices into its per-epoch feature cache)
-        self.train_dataset_wrapper = None
 
         self.splits = read_dataset(dataset)
         targets = targets or {}
@@ -249,18 +250,21 @@ class ClassificationDataModule(L.LightningDataModule):
         return ImageListDataset(self.train_items, self.splits.image_dir, transform or self.train_transform_fn)
 
     def train_dataloader(self) -> DataLoader:
-        dataset = self.train_dataset()
-        if self.train_dataset_wrapper is not None:
-            dataset = self.train_dataset_wrapper(dataset)
+        inputs = self.method_inputs()
+        dataset = training_set(self.train_dataset(), inputs)
         # Dassl's rule: drop the partial batch only when there is a full one
         drop_last = self.drop_last and len(dataset) >= self.batch_size
-        factory = self.train_batch_sampler_factory
-        sampler = factory(dataset, drop_last=drop_last) if factory else None
+        sampler = inputs.batch_sampler(dataset, drop_last=drop_last) if inputs.batch_sampler else None
         # the same batches and augmentations in epoch e of every run of a seed, resumed or not
         common = dict(num_workers=self.num_workers, pin_memory=False, seed=self.seed, epoch_fn=self._current_epoch)
         if sampler is not None:
             return EpochSeededLoader(dataset, batch_sampler=sampler, **common)
         return EpochSeededLoader(dataset, batch_size=self.batch_size, shuffle=True, drop_last=drop_last, **common)
+
+    def method_inputs(self) -> TrainingInputs:
+        """What the method being fitted asks its training batches to hold (vlm_adapt/data/inputs.py)."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return module.training_inputs() if hasattr(module, "training_inputs") else TrainingInputs()
 
     def _current_epoch(self) -> int:
         """The epoch the loader's next iterator is for: the epochs processed so far (restored from the

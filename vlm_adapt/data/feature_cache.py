@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
 
 from vlm_adapt.errors import ConfigError
 
@@ -114,16 +113,3 @@ class FeatureCache:
             torch.tensor([pool_index for _, pool_index, _ in entries], device=device),
             torch.stack([pooled for _, _, pooled in entries]).to(device),
         )
-
-
-class IndexedDataset(Dataset):
-    """Prefixes every sample of `dataset` with its index: (index, *sample), the key of a feature cache."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        return (index, *self.dataset[index])

@@ -1,14 +1,15 @@
 """The shared LightningModule: prompting, logits, loss, metrics, optimizer, checkpoint trimming.
 
-A method subclasses `CLIPMethod` and says which parameters train (`select_trainable`) and, where
-it differs from plain CLIP, how images and label spaces are encoded or what the loss adds.
-Checkpoints hold only the trainable parameters plus the identity of the backbone they belong to.
+A method subclasses `CLIPMethod`, registers itself (`vlm_adapt/methods/registry.py`) and says which
+parameters train (`select_trainable`) and, where it differs from plain CLIP, how images and label
+spaces are encoded, what a training batch gives (`classification_forward`) or what the loss adds.
+The steps themselves belong to the run's task (`vlm_adapt/methods/tasks.py`), so no method overrides
+them. Checkpoints hold only the trainable parameters plus the identity of the backbone they belong to.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any, ClassVar
 
@@ -17,18 +18,18 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Sampler
 from torchmetrics.classification import MulticlassAccuracy
 
 from vlm_adapt.backbones import Backbone, CLIPTowers
 from vlm_adapt.backbones.towers import normalize
 from vlm_adapt.checkpoints import CHECKPOINT_KEY
-from vlm_adapt.data.captions import CaptionRetrievalDataModule
+from vlm_adapt.data.inputs import TrainingInputs
 from vlm_adapt.data.label_space import LabelSpace
 from vlm_adapt.errors import BackboneMismatchError, ConfigError
 from vlm_adapt.methods.param_groups import build_param_groups
+from vlm_adapt.methods.registry import CLASSIFICATION, RETRIEVAL, MethodSpec
 from vlm_adapt.methods.schedulers import build_scheduler
-from vlm_adapt.metrics.retrieval import contrastive_loss, recall_sum_percent, recalls_from_features
+from vlm_adapt.methods.tasks import TASK_CLASSES, ClassificationOutput, ClassificationTask, Task
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +37,13 @@ log = logging.getLogger(__name__)
 class CLIPMethod(L.LightningModule):
     """Classification with CLIP: logits = exp(logit_scale) * cos(image, class text features)."""
 
-    method_name: ClassVar[str] = "clip"
-    trains: ClassVar[bool] = True
-    # image-text retrieval (protocol=retrieval): for methods whose image and caption encoders are the
-    # adapted model itself (not prompt learners tied to class names)
-    supports_retrieval: ClassVar[bool] = False
+    # set by @register_method (vlm_adapt/methods/registry.py): the config name and capabilities
+    method_name: ClassVar[str]
+    spec: ClassVar[MethodSpec]
+
+    @property
+    def trains(self) -> bool:
+        return self.spec.trains
 
     def __init__(
         self,
@@ -67,8 +70,7 @@ class CLIPMethod(L.LightningModule):
         self.train_label_space: LabelSpace | None = None
         self.test_label_spaces: list[LabelSpace] = []
         self._text_cache: dict[str, Tensor] = {}
-        self.retrieval = False  # set in setup() from the datamodule
-        self._retrieval_outputs: dict[str, list[tuple[Tensor, ...]]] = {"images": [], "captions": []}
+        self.task: Task = ClassificationTask()  # setup() takes the run's task from its datamodule
         self.clip.requires_grad_(False)
         self.select_trainable()
 
@@ -109,9 +111,9 @@ class CLIPMethod(L.LightningModule):
     def supports_label_space(self, space: LabelSpace) -> bool:
         return True
 
-    def train_batch_sampler_factory(self) -> Callable[[Any], Sampler] | None:
-        """A function dataset -> batch sampler when the method needs special batches (else shuffled)."""
-        return None
+    def training_inputs(self) -> TrainingInputs:
+        """What this method's training batches hold (images and labels by default; see data/inputs.py)."""
+        return TrainingInputs()
 
     # ------------------------------------------------------------ shared pieces
     def attach_label_spaces(self, train: LabelSpace | None, test: list[LabelSpace]) -> None:
@@ -145,30 +147,37 @@ class CLIPMethod(L.LightningModule):
     def forward(self, images: Tensor, space: LabelSpace) -> Tensor:
         return self.logits(self.encode_images(images), self.class_text_features(space))
 
+    def classification_forward(self, batch: Any) -> ClassificationOutput:
+        """A classification training batch, `(images, labels)` or `(index, images, labels)`, through the
+        method: logits against the training label space. Methods that train against a subset of the
+        classes or from cached activations supply their own."""
+        index, images, labels = batch if len(batch) == 3 else (None, *batch)
+        text_features = self.class_text_features(self.train_label_space)
+        logits = self.logits(self.encode_images(images, index), text_features)
+        return ClassificationOutput(logits, labels, text_features, labels)
+
+    def observe(self, split: str, images: Tensor, labels: Tensor) -> None:
+        """A method fitted in closed form (registered with fit="closed_form") collects its data here."""
+        raise NotImplementedError(f"{type(self).__name__} is registered with fit='closed_form' but has no observe()")
+
+    # ------------------------------------------------------------ the loop: each step is the task's
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        self.retrieval = isinstance(datamodule, CaptionRetrievalDataModule)
+        if datamodule is not None:
+            self.task = TASK_CLASSES[getattr(datamodule, "task", CLASSIFICATION)]()
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        if self.retrieval:
-            return self.retrieval_training_step(batch)
-        images, labels = batch
-        text_features = self.class_text_features(self.train_label_space)
-        logits = self.logits(self.encode_images(images), text_features)
-        loss = self.training_loss(logits, labels, text_features)
-        self.train_acc(logits, labels)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(labels))
-        return loss
+    @property
+    def retrieval(self) -> bool:
+        return self.task.name == RETRIEVAL
 
-    def retrieval_training_step(self, batch: tuple[Tensor, Tensor, Tensor, list[str]]) -> Tensor:
-        """Symmetric InfoNCE over (image, caption) pairs."""
-        image_index, images, caption_index, captions = batch
-        image_features = self.encode_images(images, image_index)
-        text_features = normalize(self.encode_prompts(list(captions), caption_index))
-        loss = contrastive_loss(self.logits(image_features, text_features), image_index)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(image_index))
-        return loss
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        return self.task.training_step(self, batch)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.task.validation_step(self, batch)
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.task.test_step(self, batch, dataloader_idx)
 
     def on_train_epoch_start(self) -> None:
         optimizer = self.optimizers(use_pl_optimizer=False) if self.trainer.optimizers else None
@@ -186,45 +195,10 @@ class CLIPMethod(L.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self._refresh_text_cache()
-        self._retrieval_outputs = {"images": [], "captions": []}
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        images, labels = batch
-        self.val_acc(self(images, self.train_label_space), labels)
-        self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
-
-    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if self.retrieval:  # loader 0: images, loader 1: captions; recalls at the end of the epoch
-            if dataloader_idx == 0:
-                image_index, images = batch
-                self._retrieval_outputs["images"].append((image_index, normalize(self.encode_images(images))))
-            else:
-                caption_index, caption_image, captions = batch
-                features = normalize(self.encode_prompts(list(captions)))
-                self._retrieval_outputs["captions"].append((caption_index, caption_image, features))
-            return
-        space = self.test_label_spaces[dataloader_idx]
-        if not self.supports_label_space(space):
-            return
-        images, labels = batch
-        metric = self.test_accs[dataloader_idx]
-        metric(self(images, space), labels)
-        self.log(f"test/{space.name}/acc", metric, on_epoch=True, add_dataloader_idx=False, batch_size=len(labels))
-
-    def _gathered(self, name: str) -> list[Tensor]:
-        tensors = [torch.cat(parts) for parts in zip(*self._retrieval_outputs[name], strict=True)]
-        if self.trainer.world_size > 1:
-            tensors = [self.all_gather(t).flatten(0, 1) for t in tensors]
-        return tensors
+        self.task.on_test_epoch_start(self)
 
     def on_test_epoch_end(self) -> None:
-        if not self.retrieval:
-            return
-        recalls = recalls_from_features(*self._gathered("images"), *self._gathered("captions"))
-        for key, value in recalls.items():
-            self.log(f"test/{key}", value, add_dataloader_idx=False)
-        self.log("test/rsum", round(recall_sum_percent(recalls), 4), add_dataloader_idx=False)
-        self._retrieval_outputs = {"images": [], "captions": []}
+        self.task.on_test_epoch_end(self)
 
     # ------------------------------------------------------------ optimisation
     def trainable_parameter_names(self) -> list[str]:

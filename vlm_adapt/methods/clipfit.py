@@ -18,12 +18,13 @@ from torch import Tensor, nn
 from vlm_adapt.backbones import Backbone
 from vlm_adapt.backbones.loading import count_parameters
 from vlm_adapt.methods.base import CLIPMethod
+from vlm_adapt.methods.registry import register_method
 
 log = logging.getLogger(__name__)
 
 
+@register_method("clipfit")
 class CLIPFit(CLIPMethod):
-    method_name = "clipfit"
 
     def __init__(self, backbone: Backbone, reg_weight: float = 8.0, **kwargs: Any):
         """`reg_weight`: lambda of the text-feature regulariser (8 for base-to-new, 2 or 8 few-shot)."""

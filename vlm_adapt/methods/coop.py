@@ -23,12 +23,13 @@ from vlm_adapt.backbones.towers import normalize
 from vlm_adapt.data.label_space import LabelSpace
 from vlm_adapt.errors import ConfigError
 from vlm_adapt.methods.base import CLIPMethod
+from vlm_adapt.methods.registry import register_method
 
 POSITIONS = ("end", "middle", "front")
 
 
+@register_method("coop")
 class CoOp(CLIPMethod):
-    method_name = "coop"
 
     def __init__(
         self,

@@ -12,11 +12,11 @@ from typing import Any
 from vlm_adapt.backbones import Backbone
 from vlm_adapt.errors import ConfigError
 from vlm_adapt.methods.base import CLIPMethod
+from vlm_adapt.methods.registry import CLASSIFICATION, RETRIEVAL, register_method
 
 
+@register_method("ft", tasks=(CLASSIFICATION, RETRIEVAL))
 class FullFineTuning(CLIPMethod):
-    method_name = "ft"
-    supports_retrieval = True
 
     def __init__(self, backbone: Backbone, frozen: list[str] | None = None, **kwargs: Any):
         self.frozen = tuple(frozen or ())  # read by select_trainable, which CLIPMethod.__init__ calls

@@ -17,6 +17,7 @@ from vlm_adapt.backbones import Backbone
 from vlm_adapt.backbones.towers import normalize
 from vlm_adapt.data.label_space import LabelSpace
 from vlm_adapt.methods.base import CLIPMethod
+from vlm_adapt.methods.registry import CacheSpec, register_method
 
 
 def fit_logistic_regression(features: Tensor, labels: Tensor, num_classes: int, c: float, max_iter: int) -> nn.Linear:
@@ -38,8 +39,9 @@ def fit_logistic_regression(features: Tensor, labels: Tensor, num_classes: int, 
     return head
 
 
+@register_method("linear_probe", fit="closed_form",
+                 caches=(CacheSpec("normalized image features", "once", augmented=False),))
 class LinearProbe(CLIPMethod):
-    method_name = "linear_probe"
 
     def __init__(
         self,
@@ -70,14 +72,9 @@ class LinearProbe(CLIPMethod):
     def forward(self, images: Tensor, space: LabelSpace) -> Tensor:
         return self.head(self._image_features(images))
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        images, labels = batch
-        self._features["train"].append((self._image_features(images), labels))
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        if not self.trainer.sanity_checking:
-            images, labels = batch
-            self._features["val"].append((self._image_features(images), labels))
+    def observe(self, split: str, images: Tensor, labels: Tensor) -> None:
+        """The classification task shows the training and validation images here; fitted at epoch end."""
+        self._features[split].append((self._image_features(images), labels))
 
     def _gathered(self, split: str) -> tuple[Tensor, Tensor] | None:
         if not self._features[split]:

@@ -15,11 +15,10 @@ with the model as buffers. Training steps run only layers w..L-1 of both towers 
 nor the activation memory of the first w layers is paid per step. Validation and test run the full
 encoders of `CLIPMethod`, with no skipping.
 
-How it plugs into Lightning. `setup("fit")` sets the datamodule's `train_dataset_wrapper` to
-`index_training_images`: the training loader then yields `(index, label)` batches of a
-`CachedImageIndex` instead of images (the datamodule still applies the batch sampler from
-`train_batch_sampler_factory`), and only the epoch cache reads and augments the images - each one
-once per epoch. A step looks its tokens up by index at step time, which keeps it independent of when
+How it plugs into Lightning. `training_inputs()` asks the datamodule for `(index, label)` batches
+instead of images (`vlm_adapt/data/inputs.py`, with single-class batches from 4 shots), `setup("fit")`
+takes the augmenting training set from the datamodule, and only the epoch cache reads and augments the
+images - each one once per epoch. A step looks its tokens up by index at step time, which keeps it independent of when
 Lightning creates and prefetches from the loader's iterator (for the first epoch that happens before
 `on_train_epoch_start`). A run resumed mid-epoch, which skips `on_train_epoch_start`, builds the
 cache in its first step.
@@ -47,21 +46,23 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
 from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from vlm_adapt.backbones import Backbone
 from vlm_adapt.backbones.loading import count_parameters
 from vlm_adapt.backbones.towers import normalize
+from vlm_adapt.data.inputs import TrainingInputs
 from vlm_adapt.data.samplers import single_class_batches
 from vlm_adapt.errors import ConfigError
 from vlm_adapt.methods.base import CLIPMethod
+from vlm_adapt.methods.registry import CacheSpec, register_method
+from vlm_adapt.methods.tasks import ClassificationOutput
 
 log = logging.getLogger(__name__)
 
@@ -135,21 +136,8 @@ class ClassSkipper:
         return kept, position[labels]
 
 
-class CachedImageIndex(Dataset):
-    """The training set as `(index, label)` pairs: a step reads image `index`'s tokens from the cache."""
-
-    def __init__(self, images: Dataset):
-        self.items = images.items  # labels, for the batch sampler
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> tuple[int, int]:
-        return index, self.items[index].label
-
-
+@register_method("skip_tuning", caches=(CacheSpec("image tokens at layer w", "epoch", augmented=True),))
 class SkipTuning(CLIPMethod):
-    method_name = "skip_tuning"
 
     def __init__(
         self,
@@ -222,11 +210,13 @@ class SkipTuning(CLIPMethod):
         if self.train_label_space is not None and self.class_skipping:
             self.class_skipper = ClassSkipper(self.train_label_space.num_classes, **self.class_skip_options)
 
-    def train_batch_sampler_factory(self) -> Callable[[Any], Sampler | None] | None:
+    def training_inputs(self) -> TrainingInputs:
+        """(index, label) batches, no image read: a step takes the image's tokens from the epoch cache.
+        With `single_class_min_shots` shots or more, each batch comes from one class."""
         if self.single_class_min_shots is None:
-            return None
-        return partial(single_class_batches, batch_size=self.batch_size,
-                       min_shots=self.single_class_min_shots)
+            return TrainingInputs(images=False)
+        return TrainingInputs(images=False, batch_sampler=partial(
+            single_class_batches, batch_size=self.batch_size, min_shots=self.single_class_min_shots))
 
     # ------------------------------------------------------------ Lightning wiring
     def setup(self, stage: str) -> None:
@@ -236,20 +226,15 @@ class SkipTuning(CLIPMethod):
         if self.prompt_tokens is None:
             self.cache_class_prompts()
         datamodule = self.trainer.datamodule
-        if not hasattr(datamodule, "train_dataset_wrapper"):
+        if not hasattr(datamodule, "train_dataset"):
             raise ConfigError(
-                "Skip Tuning trains from a per-epoch feature cache and needs vlm_adapt's "
+                "Skip Tuning trains from a per-epoch feature cache of the training images and needs vlm_adapt's "
                 "ClassificationDataModule: call trainer.fit(model, datamodule=ClassificationDataModule(...))."
             )
-        datamodule.train_dataset_wrapper = self.index_training_images
+        self._train_images = datamodule.train_dataset()  # the augmenting training set the epoch cache reads
         self._cache_num_workers = datamodule.num_workers
-
-    def index_training_images(self, images: Dataset) -> CachedImageIndex:
-        """Keep the (augmenting) training set for the epoch cache; the loader serves only indices."""
-        self._train_images = images
         self.image_cache = None
         self.image_cache_epoch = None
-        return CachedImageIndex(images)
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
@@ -328,29 +313,28 @@ class SkipTuning(CLIPMethod):
         features = self.towers.text_head(self.towers.text_layers(x, self.start_layer), eot)
         return class_features(features, num_templates)
 
-    def cached_loss(self, tokens: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(loss, kept class ids, logits over the kept classes) of a batch of cached layer-w image tokens."""
+    def cached_forward(self, tokens: Tensor, labels: Tensor) -> ClassificationOutput:
+        """A batch of cached layer-w image tokens through layers w.. against the kept classes."""
         if self.drop_ratio > 0:
             tokens = drop_patch_tokens(tokens, self.drop_ratio)
         image_features = self.towers.image_head(self.towers.image_layers(tokens, self.start_layer))
         classes, targets = self.select_classes(image_features, labels)
         text_features = self.cached_class_features(classes)
         logits = self.logits(image_features, text_features)
-        loss = self.training_loss(logits, targets, text_features)
-        return loss, classes, logits
+        return ClassificationOutput(logits, targets, text_features, labels, classes=classes,
+                                    logs={"train/kept_classes": float(len(classes))})
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def cached_loss(self, tokens: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(loss, kept class ids, logits over the kept classes) of a batch of cached layer-w image tokens."""
+        out = self.cached_forward(tokens, labels)
+        return self.training_loss(out.logits, out.targets, out.text_features), out.classes, out.logits
+
+    def classification_forward(self, batch: tuple[Tensor, Tensor]) -> ClassificationOutput:
+        """A training batch is (cache indices, labels): the epoch's cached layer-w tokens of those images."""
         indices, labels = batch
         self.refresh_image_cache()  # a no-op unless the run resumed mid-epoch
         tokens = self.image_cache[indices.to(self.image_cache.device)].to(self.device, non_blocking=True)
-        loss, classes, logits = self.cached_loss(tokens, labels)
-        self.train_acc(classes[logits.argmax(dim=1)], labels)  # accuracy among the kept classes
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(labels))
-        self.log("train/kept_classes", float(len(classes)), on_step=False, on_epoch=True,
-                 batch_size=len(labels))
-        return loss
-
+        return self.cached_forward(tokens, labels)
 
 def class_features(features: Tensor, num_templates: int) -> Tensor:
     """Class-major prompt features -> (C, D): the normalized mean of each class's normalized template

@@ -45,10 +45,12 @@ from torch import Tensor, nn
 
 from vlm_adapt.backbones import Backbone
 from vlm_adapt.backbones.towers import normalize
-from vlm_adapt.data.feature_cache import FeatureCache, IndexedDataset, TowerStates
+from vlm_adapt.data.feature_cache import FeatureCache, TowerStates
+from vlm_adapt.data.inputs import TrainingInputs
 from vlm_adapt.data.label_space import LabelSpace
 from vlm_adapt.errors import ConfigError
 from vlm_adapt.methods.base import CLIPMethod
+from vlm_adapt.methods.registry import CLASSIFICATION, RETRIEVAL, CacheSpec, register_method
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +99,10 @@ class ParallelNetwork(nn.Module):
         return pooled + self.up(merged)
 
 
+@register_method("unipt", tasks=(CLASSIFICATION, RETRIEVAL),
+                 caches=(CacheSpec("hidden states of both towers", "once", augmented=False),))
 class UniPT(CLIPMethod):
     """Both parallel networks train; the task (classification or retrieval) comes from the datamodule."""
-
-    method_name = "unipt"
-    supports_retrieval = True
 
     def __init__(
         self,
@@ -220,8 +221,11 @@ class UniPT(CLIPMethod):
             self.image_cache = self._new_cache("image", len(datamodule.train_split.images))
             self.caption_cache = self._new_cache("caption", len(datamodule.train_split.captions))
         else:
-            datamodule.train_dataset_wrapper = IndexedDataset  # batches become (index, image, label)
             self.image_cache = self._new_cache("image", len(datamodule.train_items))
+
+    def training_inputs(self) -> TrainingInputs:
+        """(index, image, label) batches while the hidden states are cached: the index keys the cache."""
+        return TrainingInputs(index=self.image_cache is not None)
 
     def _new_cache(self, name: str, num_samples: int) -> FeatureCache:
         device = "cpu" if self.hparams.cache == "cpu" else None  # None: where the backbone ran (the model's device)
@@ -231,15 +235,3 @@ class UniPT(CLIPMethod):
     def on_fit_end(self) -> None:
         self.image_cache = self.caption_cache = None  # free the memory before testing
 
-    # ------------------------------------------------------------ training
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        if self.retrieval:
-            return self.retrieval_training_step(batch)
-        index, images, labels = batch if self.image_cache is not None else (None, *batch)
-        text_features = self.class_text_features(self.train_label_space)
-        logits = self.logits(self.encode_images(images, index), text_features)
-        loss = self.training_loss(logits, labels, text_features)
-        self.train_acc(logits, labels)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(labels))
-        return loss

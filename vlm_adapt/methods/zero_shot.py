@@ -9,12 +9,11 @@ from torch import Tensor
 from vlm_adapt.backbones import Backbone
 from vlm_adapt.data.label_space import LabelSpace
 from vlm_adapt.methods.base import CLIPMethod
+from vlm_adapt.methods.registry import CLASSIFICATION, RETRIEVAL, register_method
 
 
+@register_method("zero_shot", tasks=(CLASSIFICATION, RETRIEVAL), fit="none")
 class ZeroShot(CLIPMethod):
-    method_name = "zero_shot"
-    trains = False
-    supports_retrieval = True
 
     def __init__(self, backbone: Backbone, templates: list[str] | None = None, **kwargs: Any):
         """`templates`: prompt templates to ensemble instead of each dataset's own."""
