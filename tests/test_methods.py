@@ -97,7 +97,8 @@ def test_checkpoint_holds_only_trainable_parameters(make_cfg, tmp_path, method):
     model = build_method(cfg.method.module, build_backbone(cfg))
     datamodule = build_datamodule(cfg)
     model.attach_label_spaces(datamodule.train_label_space, [])
-    assert set(checkpoint["state_dict"]) == set(model.trainable_parameter_names())
+    assert set(checkpoint["state_dict"]) == model.checkpoint_state_names()  # trainable + declared buffers
+    assert set(model.trainable_parameter_names()) <= set(checkpoint["state_dict"])
     assert checkpoint["vlm_adapt"]["backbone"] == {
         "model_name": "vlm-tiny", "pretrained": None, "quick_gelu": True, "init_seed": 1}
 

@@ -69,8 +69,9 @@ def test_capabilities_are_read_from_the_registry():
 
 
 def test_an_unknown_name_lists_the_registered_methods():
-    with pytest.raises(ConfigError, match="unknown method 'nope'; registered methods: clipfit, coop, ft"):
+    with pytest.raises(ConfigError) as error:
         method_spec("nope")
+    assert str(error.value) == f"unknown method 'nope'; registered methods: {', '.join(registered_methods())}"
 
 
 def test_a_name_is_registered_once_and_a_subclass_must_register_its_own():

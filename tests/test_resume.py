@@ -157,6 +157,15 @@ def test_skip_tuning_killed_twice_resumes_exactly(tmp_path):
     assert resumed["cost"]["segments"] == 3
 
 
+def test_resume_with_a_per_step_schedule_is_exact(tmp_path):
+    """A per-step schedule asks Lightning for the step count, which builds the training loader before the
+    checkpoint's epoch is restored: the loader is built again, so the resumed epoch shuffles as its own."""
+    resumed, plain, resumed_dir, plain_dir = killed_and_resumed(
+        tmp_path, ["+method.module.scheduler_interval=step"], kills=[7])
+    assert_same_run(resumed, plain, resumed_dir, plain_dir)
+    assert resumed["resumes"] == [{"from_step": 5, "from_epoch": 1, "exact": True}]
+
+
 def test_resume_with_loader_workers_is_exact(tmp_path):
     """The training loader seeds its shuffle and its (non-persistent) workers from the seed and the epoch
     (vlm_adapt/data/loaders.py), so a run with loader workers resumes exactly too."""

@@ -211,7 +211,15 @@ class CLIPMethod(L.LightningModule):
         groups = build_param_groups(named, self.hparams.get("param_groups"), self.hparams.get("no_decay_names"))
         optimizer = hydra.utils.instantiate(self.hparams.optimizer, _partial_=True)(groups)
         interval = self.hparams.scheduler_interval
-        total = self.trainer.max_epochs if interval == "epoch" else self.trainer.estimated_stepping_batches
+        if interval == "epoch":
+            total = self.trainer.max_epochs
+        else:
+            total = self.trainer.estimated_stepping_batches
+            # Lightning built the training loader (and its first epoch's iterator) for that estimate, before a
+            # resumed run's loop state is restored: drop it so it is built again for the right epoch
+            fit_loop = getattr(self.trainer, "fit_loop", None)
+            if fit_loop is not None:
+                fit_loop._combined_loader = None
         scheduler = build_scheduler(optimizer, self.hparams.scheduler, int(total))
         if scheduler is None:
             return optimizer

@@ -99,11 +99,15 @@ class CoOp(CLIPMethod):
         tokens, positions = self._prompt_tokens[space.name]
         return tokens.to(self.device), positions.to(self.device)
 
-    def prompt_embeddings(self, tokens: Tensor, positions: Tensor, classes: Tensor) -> Tensor:
-        """Word embeddings of the prompts with the placeholders replaced by the learned context."""
+    def prompt_embeddings(
+        self, tokens: Tensor, positions: Tensor, classes: Tensor, ctx: Tensor | None = None
+    ) -> Tensor:
+        """Word embeddings of the prompts with the placeholders replaced by the learned context (or by
+        `ctx`, one (M, width) context per prompt)."""
         with torch.no_grad():
             embeddings = self.towers.token_embeddings(tokens).clone()
-        ctx = self.ctx[classes] if self.csc else self.ctx.unsqueeze(0).expand(len(tokens), -1, -1)
+        if ctx is None:
+            ctx = self.ctx[classes] if self.csc else self.ctx.unsqueeze(0).expand(len(tokens), -1, -1)
         rows = torch.arange(len(tokens), device=tokens.device).unsqueeze(1).expand_as(positions)
         embeddings[rows, positions] = ctx.to(embeddings.dtype)
         return embeddings
