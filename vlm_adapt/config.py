@@ -1,11 +1,13 @@
-"""Hydra/OmegaConf glue: where the packaged config tree lives, and the resolvers it uses."""
+"""Hydra/OmegaConf glue: where the packaged config tree lives, the resolvers it uses, a config's dotted leaves."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_PATH = "pkg://vlm_adapt.conf"
 
@@ -43,6 +45,24 @@ def wandb_offline() -> bool:
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     has_login = netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
     return not (os.environ.get("WANDB_API_KEY") or has_login)
+
+
+def config_leaves(node: DictConfig, prefix: str = "") -> dict[str, str]:
+    """Dotted key -> value text, interpolations resolved where they can be outside Hydra, else verbatim."""
+    flat: dict[str, str] = {}
+    for key in node:
+        dotted = f"{prefix}{key}"
+        try:
+            value = node[key]
+        except OmegaConfBaseException:  # e.g. ${hydra:...}: only resolvable inside the run
+            value = node._get_node(key)._value()
+        if isinstance(value, DictConfig) and len(value):
+            flat.update(config_leaves(value, f"{dotted}."))
+        elif isinstance(value, (DictConfig, ListConfig)):
+            flat[dotted] = json.dumps(OmegaConf.to_container(value, resolve=False), sort_keys=True)
+        else:
+            flat[dotted] = str(value)
+    return flat
 
 
 def register_resolvers() -> None:

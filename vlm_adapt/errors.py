@@ -6,6 +6,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 
 class VlmAdaptError(Exception):
@@ -69,8 +70,13 @@ def exit_on_user_error(command: str) -> Iterator[None]:
     except Exception as err:
         if not is_user_error(err) or debug_errors():
             raise
-        print(f"vlm-adapt {command}: error: {user_message(err)}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+        exit_with_message(f"vlm-adapt {command}", user_message(err))
+
+
+def exit_with_message(prefix: str, message: str) -> NoReturn:
+    """Print `<prefix>: error: <message>` on stderr and exit with status 1 (no traceback)."""
+    print(f"{prefix}: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(1) from None
 
 
 def user_message(err: BaseException) -> str:

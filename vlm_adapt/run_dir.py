@@ -24,7 +24,6 @@ import logging
 import os
 import shutil
 import socket
-import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,11 +34,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from vlm_adapt.config import config_leaves
 from vlm_adapt.errors import (
     ConfigError,
     DivergedError,
     RunDirectoryError,
     debug_errors,
+    exit_with_message,
     is_user_error,
     user_message,
 )
@@ -74,25 +75,16 @@ def config_digest(cfg: DictConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
-
-
 def differing_keys(run_dir: Path, cfg: DictConfig, limit: int = 6) -> str:
     """`key: old -> new` for the settings in which `run_dir`'s saved config differs from `cfg`."""
     saved = run_dir / ".hydra" / "config.yaml"
     if not saved.is_file():
         return "its config is not saved"
     try:
-        old = _flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=False))
+        old = config_leaves(OmegaConf.load(saved))
     except Exception:  # a damaged config file: the digest already says the runs differ
         return "its saved config is unreadable"
-    new = _flatten(OmegaConf.to_container(cfg, resolve=False))
+    new = config_leaves(cfg)
     keys = sorted((k for k in old.keys() | new.keys()
                    if k.split(".")[0] not in IGNORED_KEYS and old.get(k, "<unset>") != new.get(k, "<unset>")),
                   key=lambda k: (not k.endswith(".name"), k))  # a config group's choice first: method.name
@@ -253,8 +245,7 @@ class OutputDirCheck(Callback):
                    f"{key}=/path (or paths.log_dir=/path, or the VLM_ADAPT_LOG_DIR variable).")
         if debug_errors():
             raise RunDirectoryError(message)
-        print(f"vlm-adapt: error: {message}", file=sys.stderr, flush=True)
-        raise SystemExit(1)
+        exit_with_message("vlm-adapt", message)
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(str(config.hydra.run.dir), "hydra.run.dir")

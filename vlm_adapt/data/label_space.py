@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,10 @@ class LabelSpace:
     @property
     def num_classes(self) -> int:
         return len(self.classnames)
+
+    def with_templates(self, templates: Sequence[str] | None) -> LabelSpace:
+        """The same classes prompted with `templates` instead (itself when there are none)."""
+        return replace(self, templates=tuple(templates)) if templates else self
 
     def prompts(self) -> list[str]:
         return [template.format(name) for name in self.classnames for template in self.templates]

@@ -242,9 +242,7 @@ class TipAdapter(CLIPMethod):
 
     # ------------------------------------------------------------ logits
     def encode_label_space(self, space: LabelSpace) -> Tensor:
-        if self.hparams.templates:
-            space = LabelSpace(space.name, space.classnames, tuple(self.hparams.templates))
-        return super().encode_label_space(space)
+        return super().encode_label_space(space.with_templates(self.hparams.templates))
 
     def supports_label_space(self, space: LabelSpace) -> bool:
         """The cache's values are the training classes: only that label space is scored."""

@@ -20,6 +20,4 @@ class ZeroShot(CLIPMethod):
         super().__init__(backbone, **kwargs)
 
     def encode_label_space(self, space: LabelSpace) -> Tensor:
-        if self.hparams.templates:
-            space = LabelSpace(space.name, space.classnames, tuple(self.hparams.templates))
-        return super().encode_label_space(space)
+        return super().encode_label_space(space.with_templates(self.hparams.templates))

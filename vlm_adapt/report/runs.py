@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig, OmegaConf
 
+from vlm_adapt.config import config_leaves
 from vlm_adapt.errors import ConfigError
 
 COMPLETED = "completed"
@@ -130,24 +130,6 @@ def _numeric_name(path: Path) -> tuple[int, str]:
     return (int(path.name), "") if path.name.isdigit() else (1 << 30, path.name)
 
 
-def _leaves(node: DictConfig, prefix: str = "") -> dict[str, str]:
-    """Dotted key -> value text, interpolations resolved where they can be outside Hydra, else verbatim."""
-    flat: dict[str, str] = {}
-    for key in node:
-        dotted = f"{prefix}{key}"
-        try:
-            value = node[key]
-        except OmegaConfBaseException:  # e.g. ${hydra:...}: only resolvable inside the run
-            value = node._get_node(key)._value()
-        if isinstance(value, DictConfig) and len(value):
-            flat.update(_leaves(value, f"{dotted}."))
-        elif isinstance(value, (DictConfig, ListConfig)):
-            flat[dotted] = json.dumps(OmegaConf.to_container(value, resolve=False), sort_keys=True)
-        else:
-            flat[dotted] = str(value)
-    return flat
-
-
 def _ignored(key: str) -> bool:
     return (
         key in IGNORED_KEYS or key in IGNORED_TRAINER_KEYS or key.endswith(".root")
@@ -157,7 +139,7 @@ def _ignored(key: str) -> bool:
 
 def experiment_settings(config: DictConfig, targets: list[str]) -> dict[str, str]:
     """The config values that decide what a run computes (not where it ran or how it logged)."""
-    settings = {key: value for key, value in _leaves(config).items() if not _ignored(key)}
+    settings = {key: value for key, value in config_leaves(config).items() if not _ignored(key)}
     if targets:
         settings["protocol.targets"] = ",".join(targets)
     return settings
