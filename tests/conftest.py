@@ -33,6 +33,17 @@ FAST = [
     "method.batch_size=8",
 ]
 
+# Options whose defaults name blocks the 4-block tiny backbone does not have (used by the registry-wide tests).
+TINY_METHOD_OVERRIDES = {
+    "skip_tuning": ["method.module.start_layer=2"],
+    "maple": ["method.module.prompt_depth=2"],
+}
+
+
+def tiny_method_overrides(name: str) -> list[str]:
+    """`method=<name>` plus what it needs to fit the tiny backbone."""
+    return [f"method={name}", *TINY_METHOD_OVERRIDES.get(name, [])]
+
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:

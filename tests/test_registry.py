@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import REPO
+from conftest import REPO, tiny_method_overrides
 from omegaconf import OmegaConf
 
 from vlm_adapt.bench import benched_methods
@@ -121,7 +121,7 @@ def test_fitting_a_method_leaves_the_datamodule_as_it_was(make_cfg, name):
 
     from vlm_adapt.build import build_backbone, build_datamodule, build_method
 
-    cfg = make_cfg(f"method={name}", *(["method.module.start_layer=2"] if name == "skip_tuning" else []))
+    cfg = make_cfg(*tiny_method_overrides(name))
     datamodule = build_datamodule(cfg)
     backbone = build_backbone(cfg)
     datamodule.set_preprocessing(backbone.model.visual.preprocess_cfg)

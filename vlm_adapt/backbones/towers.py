@@ -7,10 +7,17 @@ output for methods that read them (UniPT).
 
 The text tower is causal, so the feature at the end-of-text (EOT) token does not depend on the
 padding after it: every text path here runs only the first `max(eot) + 1` positions.
+
+Methods that work inside the towers do so without copying open_clip's block forward: extra tokens
+join the image sequence before `ln_pre` (`image_tokens(images, extra)`, as VPT and MaPLe prompt), and
+`edits` ({block index: function of the block's input tokens}) change the sequence entering chosen
+blocks of either tower (deep prompts replacing the previous block's prompt outputs). Modules inside a
+block (LoRA, adapters, prefix keys/values) wrap the block's own submodules instead.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlm_adapt.errors import ConfigError
+
+BlockEdits = Mapping[int, Callable[[Tensor], Tensor]]
+"""{block index: f(tokens entering that block) -> tokens the block runs on}, (N, T, width) in and out."""
 
 
 @dataclass
@@ -64,15 +74,50 @@ class CLIPTowers:
     def num_text_layers(self) -> int:
         return len(self.clip.transformer.resblocks)
 
-    # ---------------------------------------------------------------- vision
-    def image_tokens(self, images: Tensor) -> Tensor:
-        """Embedding output: (N, 1 + patches, width), after ln_pre."""
-        return self.visual._embeds(images)
+    @property
+    def image_width(self) -> int:
+        return self.visual.transformer.width
 
-    def image_layers(self, x: Tensor, start: int = 0, end: int | None = None) -> Tensor:
-        """Run visual resblocks[start:end]."""
-        for block in self.visual.transformer.resblocks[start:end]:
-            x = block(x)
+    @property
+    def text_width(self) -> int:
+        return self.clip.token_embedding.weight.shape[1]
+
+    def _check_edits(self, edits: BlockEdits | None, num_layers: int, tower: str) -> BlockEdits:
+        outside = sorted(i for i in (edits or {}) if not 0 <= i < num_layers)
+        if outside:
+            raise ConfigError(f"the {tower} tower has blocks 0..{num_layers - 1}; no block {outside[0]} to edit.")
+        return edits or {}
+
+    # ---------------------------------------------------------------- vision
+    def image_embeddings(self, images: Tensor) -> Tensor:
+        """Patch, class and position embeddings (and patch dropout), before ln_pre: (N, 1 + patches, width)."""
+        visual = self.visual
+        x = visual.conv1(images)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+        return visual.patch_dropout(x)
+
+    def image_tokens(self, images: Tensor, extra: Tensor | None = None) -> Tensor:
+        """Embedding output after ln_pre, (N, 1 + patches [+ E], width); `extra` (E, width) or (N, E, width)
+        tokens are appended after the patches, before ln_pre."""
+        if extra is None:
+            return self.visual._embeds(images)
+        x = self.image_embeddings(images)
+        extra = extra.to(x.dtype)
+        if extra.dim() == 2:
+            extra = extra.unsqueeze(0).expand(x.shape[0], -1, -1)
+        return self.visual.ln_pre(torch.cat([x, extra], dim=1))
+
+    def image_layers(self, x: Tensor, start: int = 0, end: int | None = None,
+                     edits: BlockEdits | None = None) -> Tensor:
+        """Run visual resblocks[start:end], applying `edits[i]` to the input of block i."""
+        edits = self._check_edits(edits, self.num_image_layers, "image")
+        blocks = self.visual.transformer.resblocks
+        for i in range(*slice(start, end).indices(len(blocks))):
+            if i in edits:
+                x = edits[i](x)
+            x = blocks[i](x)
         return x
 
     def image_head(self, x: Tensor) -> Tensor:
@@ -82,8 +127,9 @@ class CLIPTowers:
             pooled = pooled @ self.visual.proj
         return pooled
 
-    def encode_image(self, images: Tensor) -> Tensor:
-        return self.image_head(self.image_layers(self.image_tokens(images)))
+    def encode_image(self, images: Tensor, extra: Tensor | None = None, edits: BlockEdits | None = None) -> Tensor:
+        """Image features; `extra` tokens join before ln_pre, `edits` change chosen blocks' inputs."""
+        return self.image_head(self.image_layers(self.image_tokens(images, extra), edits=edits))
 
     def image_hidden_states(self, images: Tensor) -> ImageHiddenStates:
         x = self.image_tokens(images)
@@ -112,12 +158,17 @@ class CLIPTowers:
         x = word_embeddings[:, :length]
         return x + self.clip.positional_embedding[:length].to(x.dtype)
 
-    def text_layers(self, x: Tensor, start: int = 0, end: int | None = None) -> Tensor:
-        """Run text resblocks[start:end] with the causal mask cut to the sequence length."""
-        length = x.shape[1]
-        mask = self.clip.attn_mask[:length, :length]
-        for block in self.clip.transformer.resblocks[start:end]:
-            x = block(x, attn_mask=mask)
+    def text_layers(self, x: Tensor, start: int = 0, end: int | None = None,
+                    edits: BlockEdits | None = None) -> Tensor:
+        """Run text resblocks[start:end] with the causal mask cut to the sequence length, applying
+        `edits[i]` to the input of block i."""
+        edits = self._check_edits(edits, self.num_text_layers, "text")
+        blocks = self.clip.transformer.resblocks
+        for i in range(*slice(start, end).indices(len(blocks))):
+            if i in edits:
+                x = edits[i](x)
+            length = x.shape[1]
+            x = blocks[i](x, attn_mask=self.clip.attn_mask[:length, :length])
         return x
 
     def text_head(self, x: Tensor, eot_index: Tensor) -> Tensor:
@@ -128,9 +179,11 @@ class CLIPTowers:
             return x
         return projection(x) if isinstance(projection, nn.Linear) else x @ projection
 
-    def encode_text_embeddings(self, word_embeddings: Tensor, eot_index: Tensor) -> Tensor:
-        """Text features from (possibly learned) word embeddings; runs max(eot) + 1 positions only."""
-        x = self.text_layers(self.text_embeddings(word_embeddings, self.text_length(eot_index)))
+    def encode_text_embeddings(self, word_embeddings: Tensor, eot_index: Tensor,
+                               edits: BlockEdits | None = None) -> Tensor:
+        """Text features from (possibly learned) word embeddings; runs max(eot) + 1 positions only.
+        `edits` must keep the positions up to each end-of-text token where they are (the tower is causal)."""
+        x = self.text_layers(self.text_embeddings(word_embeddings, self.text_length(eot_index)), edits=edits)
         return self.text_head(x, eot_index)
 
     def encode_text(self, tokens: Tensor) -> Tensor:
