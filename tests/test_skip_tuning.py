@@ -153,7 +153,7 @@ def test_epoch_cache_has_no_graph_is_replaced_and_reads_each_image_once_per_epoc
             self.epochs = []
 
         def on_train_epoch_end(self, trainer, pl_module):
-            cache = pl_module.image_cache
+            cache = pl_module.sample_caches.built("layer_w_tokens").values
             self.epochs.append({
                 "ref": weakref.ref(cache), "shape": tuple(cache.shape), "device": cache.device.type,
                 "requires_grad": cache.requires_grad, "grad_fn": cache.grad_fn, "images_read": len(calls),

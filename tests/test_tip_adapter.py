@@ -19,6 +19,7 @@ from vlm_adapt.backbones import load_backbone
 from vlm_adapt.backbones.towers import normalize
 from vlm_adapt.build import build_method
 from vlm_adapt.checkpoints import read_checkpoint
+from vlm_adapt.data import sample_cache
 from vlm_adapt.data.label_space import LabelSpace
 from vlm_adapt.eval.evaluate import evaluate, load_method
 from vlm_adapt.methods.tip_adapter import TipAdapter, TipAdapterF, search_alpha_beta, search_grid, tip_logits
@@ -137,7 +138,7 @@ def test_loss_falls_on_a_fixed_batch():
     model.allocate_cache(20, 10)
     model.cache_keys.data.copy_(cache)
     model.cache_values.copy_(F.one_hot(torch.arange(20) % 10, 10).float())
-    model.train_features, model.train_features_epoch = batch, model.current_epoch
+    model.sample_caches.put("epoch_views", batch, torch.arange(8) % 10, epoch=model.current_epoch)
     indices, labels = torch.arange(8), torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
     assert model.trainable_parameter_names() == ["cache_keys"]
     assert_loss_falls(model, (indices, labels), lambda params: torch.optim.AdamW(params, lr=1e-2, eps=1e-4),
@@ -147,13 +148,13 @@ def test_loss_falls_on_a_fixed_batch():
 # ------------------------------------------------------------------ the cache and the search in a run
 def test_the_cache_is_the_normalized_mean_of_ten_augmented_views_of_the_training_images(make_cfg, monkeypatch):
     views = []
-    original = TipAdapter.encode_view
+    original = sample_cache.encode_view
 
-    def record(self, dataset, seed):
-        views.append(original(self, dataset, seed))
+    def record(*args):
+        views.append(original(*args))
         return views[-1]
 
-    monkeypatch.setattr(TipAdapter, "encode_view", record)
+    monkeypatch.setattr(sample_cache, "encode_view", record)
     model, _ = trained(make_cfg, monkeypatch, "method=tip_adapter", "trainer.limit_test_batches=1")
     assert len(views) == 10 and len(views[0][0]) == 20  # 10 views of 2 shots x 10 classes
     assert not torch.equal(views[0][0], views[1][0])  # the views are augmented

@@ -25,6 +25,7 @@ from vlm_adapt.backbones.towers import normalize
 from vlm_adapt.checkpoints import CHECKPOINT_KEY
 from vlm_adapt.data.inputs import TrainingInputs
 from vlm_adapt.data.label_space import LabelSpace
+from vlm_adapt.data.sample_cache import CacheRequest, SampleCaches
 from vlm_adapt.errors import BackboneMismatchError, ConfigError
 from vlm_adapt.methods.param_groups import build_param_groups
 from vlm_adapt.methods.registry import CLASSIFICATION, RETRIEVAL, MethodSpec
@@ -115,6 +116,18 @@ class CLIPMethod(L.LightningModule):
         """What this method's training batches hold (images and labels by default; see data/inputs.py)."""
         return TrainingInputs()
 
+    def cache_requests(self) -> list[CacheRequest]:
+        """How the caches this method declares (`@register_method(caches=...)` with a name) are computed."""
+        return []
+
+    @property
+    def sample_caches(self) -> SampleCaches:
+        """The shared cache service of this model (vlm_adapt/data/sample_cache.py), made at first use."""
+        if "_sample_caches" not in self.__dict__:
+            declared = {spec.name: spec.refresh for spec in self.spec.caches if spec.name}
+            self.__dict__["_sample_caches"] = SampleCaches(self.cache_requests(), declared)
+        return self.__dict__["_sample_caches"]
+
     # ------------------------------------------------------------ shared pieces
     def attach_label_spaces(self, train: LabelSpace | None, test: list[LabelSpace]) -> None:
         """Tell the model which classes it trains and tests on (from the datamodule)."""
@@ -165,6 +178,8 @@ class CLIPMethod(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None:
             self.task = TASK_CLASSES[getattr(datamodule, "task", CLASSIFICATION)]()
+        if stage == "fit" and self.sample_caches:
+            self.sample_caches.bind(datamodule, self.trainer, f"method={self.method_name}")
 
     @property
     def retrieval(self) -> bool:
@@ -185,6 +200,12 @@ class CLIPMethod(L.LightningModule):
         # optimizer (linear probe) gets Lightning's mock optimizer, which has no param_groups
         if optimizer is not None and optimizer.param_groups:
             self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=False, on_epoch=True)
+        for name in self.sample_caches.per_epoch():  # built before the steps, so step times exclude them
+            rows = self.sample_caches.get(name, self.device, self.current_epoch)
+            self.log(f"train/{name}_cache_s", rows.seconds, on_step=False, on_epoch=True)
+
+    def on_train_end(self) -> None:
+        self.sample_caches.release()  # training caches are not needed for evaluation
 
     def _refresh_text_cache(self) -> None:
         if self.text_features_need_grad():

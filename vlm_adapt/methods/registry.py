@@ -30,6 +30,9 @@ class CacheSpec:
     what: str  # e.g. "normalized image features"
     refresh: str  # "once" or "epoch"
     augmented: bool  # built from augmented images (then refreshed every epoch)
+    # the key of a cache built by the shared service (vlm_adapt/data/sample_cache.py) from the method's
+    # `cache_requests()`; None: a cache the method fills itself (UniPT's lazily filled hidden states)
+    name: str | None = None
 
 
 @dataclass(frozen=True)

@@ -5,23 +5,23 @@ Trainable: resblocks w..L-1 of both towers, `ln_final`, `text_projection`, `visu
 positional and class embeddings, `conv1`, `ln_pre`, resblocks 0..w-1 and `logit_scale`.
 
 LSkip (layer-wise skipping). The first w layers are frozen, so their output for an image depends
-only on the image and its augmentation. At the start of every epoch (`on_train_epoch_start`) the
-frozen layers run once, under no_grad, over every training image with that epoch's augmentation,
-and the layer-w tokens are kept (`image_cache`, on CPU unless `cache_on_device`); the previous
-epoch's cache is released first, so the cache never grows. The class prompts' layer-w tokens
-(truncated to the longest prompt) are computed once in `setup("fit")`, since the prompts never
-change; they are small (classes x ~20 positions x width) and every step reads them, so they live
-with the model as buffers. Training steps run only layers w..L-1 of both towers from those caches, so neither the time
-nor the activation memory of the first w layers is paid per step. Validation and test run the full
-encoders of `CLIPMethod`, with no skipping.
+only on the image and its augmentation. At the start of every epoch the frozen layers run once, under
+no_grad, over every training image with that epoch's augmentation, and the layer-w tokens are kept
+(the `layer_w_tokens` cache of the shared service, `vlm_adapt/data/sample_cache.py`, on CPU unless
+`cache_on_device`); the previous epoch's cache is released first, so the cache never grows. The
+class prompts' layer-w tokens (truncated to the longest prompt) are computed once in `setup("fit")`,
+since the prompts never change; they are small (classes x ~20 positions x width) and every step reads
+them, so they live with the model as buffers. Training steps run only layers w..L-1 of both towers
+from those caches, so neither the time nor the activation memory of the first w layers is paid per
+step. Validation and test run the full encoders of `CLIPMethod`, with no skipping.
 
 How it plugs into Lightning. `training_inputs()` asks the datamodule for `(index, label)` batches
-instead of images (`vlm_adapt/data/inputs.py`, with single-class batches from 4 shots), `setup("fit")`
-takes the augmenting training set from the datamodule, and only the epoch cache reads and augments the
-images - each one once per epoch. A step looks its tokens up by index at step time, which keeps it independent of when
-Lightning creates and prefetches from the loader's iterator (for the first epoch that happens before
-`on_train_epoch_start`). A run resumed mid-epoch, which skips `on_train_epoch_start`, builds the
-cache in its first step.
+instead of images (`vlm_adapt/data/inputs.py`, with single-class batches from 4 shots), and only the
+epoch cache reads and augments the images - each one once per epoch, from a view seeded by (run seed,
+epoch), so a resumed run rebuilds the same tokens. A step looks its tokens up by index at step time,
+which keeps it independent of when Lightning creates and prefetches from the loader's iterator (for
+the first epoch that happens before `on_train_epoch_start`). A run resumed mid-epoch, which skips
+`on_train_epoch_start`, builds the cache in its first step.
 
 Optional token dropping drops a random ratio r ~ U[0, drop_ratio] of the cached patch tokens (the same
 positions across the batch, the class token never).
@@ -45,19 +45,17 @@ from __future__ import annotations
 
 import logging
 import math
-import time
-from contextlib import nullcontext
 from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
 
 from vlm_adapt.backbones import Backbone
 from vlm_adapt.backbones.loading import count_parameters
 from vlm_adapt.backbones.towers import normalize
 from vlm_adapt.data.inputs import TrainingInputs
+from vlm_adapt.data.sample_cache import CacheRequest
 from vlm_adapt.data.samplers import single_class_batches
 from vlm_adapt.errors import ConfigError
 from vlm_adapt.methods.base import CLIPMethod
@@ -67,6 +65,8 @@ from vlm_adapt.methods.tasks import ClassificationOutput
 log = logging.getLogger(__name__)
 
 KEEP_MASK_MODES = ("batch", "once")
+TOKENS_CACHE = "layer_w_tokens"
+TOKENS_STREAM = 3_000_000  # random stream of the epoch views (apart from the training loader's)
 
 
 def drop_patch_tokens(tokens: Tensor, max_ratio: float) -> Tensor:
@@ -136,7 +136,8 @@ class ClassSkipper:
         return kept, position[labels]
 
 
-@register_method("skip_tuning", caches=(CacheSpec("image tokens at layer w", "epoch", augmented=True),))
+@register_method("skip_tuning", caches=(CacheSpec("image tokens at layer w", "epoch", augmented=True,
+                                                  name=TOKENS_CACHE),))
 class SkipTuning(CLIPMethod):
 
     def __init__(
@@ -177,10 +178,6 @@ class SkipTuning(CLIPMethod):
         self.register_buffer("prompt_eot", None, persistent=False)
         self.register_buffer("class_prototypes", None, persistent=False)
         self.class_skipper: ClassSkipper | None = None
-        self.image_cache: Tensor | None = None  # (N, tokens, width) layer-w tokens of this epoch's images
-        self.image_cache_epoch: int | None = None
-        self._train_images: Dataset | None = None
-        self._cache_num_workers = 0
         trainable, _ = count_parameters(self)
         log.info("Skip Tuning trains %s parameters (layers %d.. of both towers and the heads)",
                  f"{trainable:,}", start_layer)
@@ -218,62 +215,22 @@ class SkipTuning(CLIPMethod):
         return TrainingInputs(images=False, batch_sampler=partial(
             single_class_batches, batch_size=self.batch_size, min_shots=self.single_class_min_shots))
 
+    def cache_requests(self) -> list[CacheRequest]:
+        """Layer-w tokens of every training image, rebuilt each epoch from that epoch's augmentation."""
+        return [CacheRequest(TOKENS_CACHE, self.frozen_image_tokens, "epoch", TOKENS_STREAM,
+                             batch_size=self.cache_batch_size, on_device=self.cache_on_device)]
+
     # ------------------------------------------------------------ Lightning wiring
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        if stage != "fit":
-            return
-        if self.prompt_tokens is None:
+        if stage == "fit" and self.prompt_tokens is None:
             self.cache_class_prompts()
-        datamodule = self.trainer.datamodule
-        if not hasattr(datamodule, "train_dataset"):
-            raise ConfigError(
-                "Skip Tuning trains from a per-epoch feature cache of the training images and needs vlm_adapt's "
-                "ClassificationDataModule: call trainer.fit(model, datamodule=ClassificationDataModule(...))."
-            )
-        self._train_images = datamodule.train_dataset()  # the augmenting training set the epoch cache reads
-        self._cache_num_workers = datamodule.num_workers
-        self.image_cache = None
-        self.image_cache_epoch = None
-
-    def on_train_epoch_start(self) -> None:
-        super().on_train_epoch_start()
-        self.refresh_image_cache()
-
-    def refresh_image_cache(self) -> None:
-        """Build this epoch's image cache unless it is built already."""
-        if self.image_cache is not None and self.image_cache_epoch == self.current_epoch:
-            return
-        if self._train_images is None:
-            raise RuntimeError("Skip Tuning's training set is unknown: fit with the datamodule (see setup)")
-        started = time.perf_counter()
-        self.build_image_cache(self._train_images, self._cache_num_workers)
-        self.image_cache_epoch = self.current_epoch
-        self.log("train/image_cache_s", time.perf_counter() - started, on_step=False, on_epoch=True)
 
     # ------------------------------------------------------------ caches
     @torch.no_grad()
     def frozen_image_tokens(self, images: Tensor) -> Tensor:
         """Layer-w tokens: embeddings and the frozen resblocks 0..w-1, without an autograd graph."""
         return self.towers.image_layers(self.towers.image_tokens(images), 0, self.start_layer)
-
-    @torch.no_grad()
-    def build_image_cache(self, images: Dataset, num_workers: int = 0) -> None:
-        """Run the frozen layers once over every image of `images` (each read and augmented once)."""
-        self.image_cache = None  # release the previous epoch's tokens before computing new ones
-        device = self.device if self.cache_on_device else torch.device("cpu")
-        loader = DataLoader(images, batch_size=self.cache_batch_size, shuffle=False, num_workers=num_workers)
-        trainer = self._trainer
-        context = trainer.precision_plugin.forward_context() if trainer is not None else nullcontext()
-        cache, start = None, 0
-        with context:
-            for batch, _ in loader:
-                tokens = self.frozen_image_tokens(batch.to(self.device))
-                if cache is None:
-                    cache = torch.empty((len(images), *tokens.shape[1:]), dtype=tokens.dtype, device=device)
-                cache[start : start + len(tokens)] = tokens
-                start += len(tokens)
-        self.image_cache = cache
 
     @torch.no_grad()
     def cache_class_prompts(self) -> None:
@@ -332,8 +289,7 @@ class SkipTuning(CLIPMethod):
     def classification_forward(self, batch: tuple[Tensor, Tensor]) -> ClassificationOutput:
         """A training batch is (cache indices, labels): the epoch's cached layer-w tokens of those images."""
         indices, labels = batch
-        self.refresh_image_cache()  # a no-op unless the run resumed mid-epoch
-        tokens = self.image_cache[indices.to(self.image_cache.device)].to(self.device, non_blocking=True)
+        tokens = self.sample_caches.rows(TOKENS_CACHE, indices, self.device, self.current_epoch)
         return self.cached_forward(tokens, labels)
 
 def class_features(features: Tensor, num_templates: int) -> Tensor:

@@ -15,14 +15,15 @@ reach the search. Tip-Adapter-F (`tip_adapter_f`): the keys are the weights of a
 initialised from the cache (N x D parameters) and trained with cross-entropy on the logits above, with
 the initial alpha and beta, AdamW and a per-step cosine; then the same search on validation.
 
-How it plugs into the loop. The cache needs each training image's own views, so it is built from
-`trainer.datamodule.train_dataset(transform)` with the reference's augmentation, read `augment_epoch`
-times in dataset order (`on_train_start`, once the model is on its device). Collecting the views
+How it plugs into the loop. The cache needs each training image's own views, so it is the shared cache
+service's `keys` cache (`vlm_adapt/data/sample_cache.py`): the training images with the reference's
+augmentation, read `augment_epoch` times in dataset order and averaged (built at `on_train_start`, once
+the model is on its device). Collecting the views
 through `observe` over epochs is not possible: the task's training batches are shuffled and carry no
 dataset index, so the views of one image could not be averaged. The training batches are therefore
 `(index, label)` pairs with no image read (`training_inputs`): the training-free variant ignores them,
-Tip-Adapter-F looks each image's feature up in a per-epoch cache of one fresh augmented view per
-training image (the encoder is frozen, so this is the reference's per-step encoding, done once per
+Tip-Adapter-F looks each image's feature up in the service's per-epoch `epoch_views` cache of one fresh
+augmented view per training image (the encoder is frozen, so this is the reference's per-step encoding, done once per
 image and epoch). Every view is drawn from a generator seeded by the run's seed and the view (or
 epoch), with the global random state forked, so each DDP rank builds the same cache and a resumed run
 the same epoch. Validation features come from the task's `observe("val", ...)` (training-free) or
@@ -37,20 +38,18 @@ N x C, and the search holds the validation-by-cache affinity (M x N).
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from vlm_adapt.backbones import Backbone
 from vlm_adapt.backbones.towers import normalize
 from vlm_adapt.data.inputs import TrainingInputs
 from vlm_adapt.data.label_space import LabelSpace
-from vlm_adapt.data.loaders import epoch_seed
+from vlm_adapt.data.sample_cache import CacheRequest
 from vlm_adapt.errors import ConfigError
 from vlm_adapt.methods.base import CLIPMethod
 from vlm_adapt.methods.registry import CacheSpec, register_method
@@ -63,7 +62,10 @@ KEY_VIEW_STREAM = 1_000_000
 EPOCH_VIEW_STREAM = 2_000_000
 
 KEYS_CACHE = CacheSpec("cache keys: each training image's feature averaged over augment_epoch augmented views "
-                       "(drawn once, seeded), normalized; values: one-hot labels", "once", augmented=False)
+                       "(drawn once, seeded), normalized; values: one-hot labels", "once", augmented=False,
+                       name="keys")
+EPOCH_VIEWS_CACHE = CacheSpec("normalized features of one augmented view of every training image", "epoch",
+                              augmented=True, name="epoch_views")
 
 
 def tip_logits(
@@ -172,45 +174,23 @@ class TipAdapter(CLIPMethod):
         """(index, label) batches, no image read: the cache and -F's epoch features are read by index."""
         return TrainingInputs(images=False)
 
-    def _augmented_training_set(self) -> Dataset:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if not hasattr(datamodule, "train_dataset"):
-            raise ConfigError(
-                f"{self.method_name} builds its cache from the training images and needs vlm_adapt's "
-                "ClassificationDataModule: call trainer.fit(model, datamodule=ClassificationDataModule(...))."
-            )
-        transform = tip_train_transform(self.clip.visual.preprocess_cfg, self.hparams.crop_scale)
-        return datamodule.train_dataset(transform)
+    def view_transform(self) -> T.Compose:
+        """The reference's augmentation of the cache views."""
+        return tip_train_transform(self.clip.visual.preprocess_cfg, self.hparams.crop_scale)
 
-    def _stream_seed(self, stream: int, index: int) -> int:
-        return epoch_seed(getattr(self.trainer.datamodule, "seed", 0), stream + index)
-
-    @torch.no_grad()
-    def encode_view(self, dataset: Dataset, seed: int) -> tuple[Tensor, Tensor]:
-        """(unnormalized features (N, D) in float32, labels (N,)) of one augmented view of every image of
-        `dataset`, in dataset order; the view's randomness comes from `seed` alone."""
-        num_workers = getattr(self.trainer.datamodule, "num_workers", 0)
-        loader = DataLoader(dataset, batch_size=self.hparams.cache_batch_size, shuffle=False,
-                            num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
-        context = self.trainer.precision_plugin.forward_context() if self._trainer is not None else nullcontext()
-        features, labels = [], []
-        with torch.random.fork_rng(devices=[]), context:
-            torch.manual_seed(seed)  # the augmentation's stream when the main process reads the images
-            for images, targets in loader:
-                features.append(self.towers.encode_image(images.to(self.device)).float())
-                labels.append(targets.to(self.device))
-        return torch.cat(features), torch.cat(labels)
+    def cache_requests(self) -> list[CacheRequest]:
+        """The keys: `augment_epoch` views of every training image, averaged in float32."""
+        return [CacheRequest("keys", lambda images: self.towers.encode_image(images).float(), "once",
+                             KEY_VIEW_STREAM, views=self.hparams.augment_epoch, transform=self.view_transform(),
+                             batch_size=self.hparams.cache_batch_size, on_device=True)]
 
     @torch.no_grad()
     def build_cache(self) -> None:
         """Keys: the mean of `augment_epoch` views' features, normalized; values: one-hot labels."""
-        dataset = self._augmented_training_set()
-        total, labels = None, None
-        for view in range(self.hparams.augment_epoch):
-            features, labels = self.encode_view(dataset, self._stream_seed(KEY_VIEW_STREAM, view))
-            total = features if total is None else total + features
-        keys = normalize(total / self.hparams.augment_epoch)
-        values = F.one_hot(labels.long(), self.train_label_space.num_classes)
+        built = self.sample_caches.build("keys", self.device)
+        self.sample_caches.release("keys")  # the keys live on as the model's tensor
+        keys = normalize(built.values)
+        values = F.one_hot(built.labels.long().to(self.device), self.train_label_space.num_classes)
         if keys.shape != self.cache_keys.shape or values.shape != self.cache_values.shape:
             self.allocate_cache(len(keys), values.shape[1])
         self.cache_keys.data.copy_(keys)  # in place: Tip-Adapter-F's optimizer already holds the parameter
@@ -224,7 +204,7 @@ class TipAdapter(CLIPMethod):
             raise ConfigError(f"method={self.method_name} trains nothing and runs on one device: use "
                               "trainer.devices=1 (or trainer=gpu / trainer=cpu), or method=tip_adapter_f.")
         if stage == "fit":  # before the optimizer is built and a checkpoint restored into the tensors
-            self.allocate_cache(len(self._augmented_training_set()), self.train_label_space.num_classes)
+            self.allocate_cache(self.sample_caches.num_samples, self.train_label_space.num_classes)
             self._val_parts, self._val_complete = [], False
 
     def on_train_start(self) -> None:
@@ -311,17 +291,9 @@ class TipAdapter(CLIPMethod):
         self.fit_alpha_beta()
 
 
-@register_method("tip_adapter_f", caches=(
-    KEYS_CACHE,
-    CacheSpec("normalized features of one augmented view of every training image", "epoch", augmented=True),
-))
+@register_method("tip_adapter_f", caches=(KEYS_CACHE, EPOCH_VIEWS_CACHE))
 class TipAdapterF(TipAdapter):
     """Tip-Adapter-F: the cache keys train (N x D parameters); alpha and beta are searched afterwards."""
-
-    def __init__(self, backbone: Backbone, **kwargs: Any):
-        super().__init__(backbone, **kwargs)
-        self.train_features: Tensor | None = None  # (N, D) this epoch's normalized augmented views
-        self.train_features_epoch: int | None = None
 
     def _set_keys(self, keys: Tensor) -> None:
         self.cache_keys = nn.Parameter(keys)
@@ -329,27 +301,18 @@ class TipAdapterF(TipAdapter):
     def configure_optimizers(self) -> Any:
         return CLIPMethod.configure_optimizers(self)
 
-    def on_train_epoch_start(self) -> None:
-        super().on_train_epoch_start()
-        self.refresh_train_features()
-
-    @torch.no_grad()
-    def refresh_train_features(self) -> None:
-        """This epoch's view of every training image (a no-op once built for the epoch)."""
-        if self.train_features is not None and self.train_features_epoch == self.current_epoch:
-            return
-        self.train_features = None
-        features, _ = self.encode_view(self._augmented_training_set(),
-                                       self._stream_seed(EPOCH_VIEW_STREAM, self.current_epoch))
-        self.train_features = normalize(features)
-        self.train_features_epoch = self.current_epoch
+    def cache_requests(self) -> list[CacheRequest]:
+        """The keys, and every epoch one fresh view of every training image, normalized."""
+        epoch_views = CacheRequest("epoch_views", lambda images: normalize(self.towers.encode_image(images).float()),
+                                   "epoch", EPOCH_VIEW_STREAM, transform=self.view_transform(),
+                                   batch_size=self.hparams.cache_batch_size, on_device=True)
+        return [*super().cache_requests(), epoch_views]
 
     def classification_forward(self, batch: tuple[Tensor, Tensor]) -> ClassificationOutput:
         """A training batch is (indices, labels): their epoch features through the cache model, trained
         with the initial alpha and beta (as the reference)."""
         indices, labels = batch
-        self.refresh_train_features()  # a no-op unless the run resumed mid-epoch
-        features = self.train_features[indices.to(self.train_features.device)]
+        features = self.sample_caches.rows("epoch_views", indices, self.device, self.current_epoch)
         logits = self.cache_logits(features, self.hparams.init_alpha, self.hparams.init_beta)
         return ClassificationOutput(logits, labels, self.class_text_features(self.train_label_space), labels)
 
@@ -365,9 +328,6 @@ class TipAdapterF(TipAdapter):
                 or 0 < trainer.max_steps <= trainer.global_step or trainer.should_stop)
         if last:  # the reference searches once, after training
             self.fit_alpha_beta()
-
-    def on_train_end(self) -> None:
-        self.train_features = None  # the epoch cache is not needed for evaluation
 
 
 def gather_rows(module: CLIPMethod, x: Tensor) -> Tensor:
