@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, TINY_METHOD_OVERRIDES
 
 from vlm_adapt.build import build_backbone, build_datamodule, build_method
 from vlm_adapt.errors import BackboneMismatchError
@@ -19,8 +19,7 @@ METHODS = sorted(p.stem for p in (REPO / "conf" / "method").glob("*.yaml"))
 DATASETS = sorted(p.stem for p in (REPO / "conf" / "data").glob("*.yaml"))
 TRAINED = [m for m in METHODS if not m.startswith("zero_shot")]
 
-# What a method needs on the 4-layer tiny backbone (its defaults are for 12-layer ViT-B).
-ON_TINY = {"skip_tuning": ["method.module.start_layer=2"]}
+ON_TINY = TINY_METHOD_OVERRIDES  # what a method needs on the 4-layer tiny backbone (its defaults are ViT-B's)
 
 # Per-method overrides that make a few steps on one fixed batch visibly lower the loss.
 OVERFIT = {

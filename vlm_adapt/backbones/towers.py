@@ -218,3 +218,10 @@ class CLIPTowers:
 
 def normalize(x: Tensor) -> Tensor:
     return F.normalize(x, dim=-1)
+
+
+def class_features(features: Tensor, num_templates: int) -> Tensor:
+    """Class-major prompt features (C x T, D) -> (C, D): the normalized mean of each class's normalized
+    template features, CLIP's prompt ensembling."""
+    features = normalize(features)
+    return normalize(features.view(-1, num_templates, features.shape[-1]).mean(dim=1))

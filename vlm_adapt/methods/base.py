@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from vlm_adapt.backbones import Backbone, CLIPTowers
-from vlm_adapt.backbones.towers import normalize
+from vlm_adapt.backbones.towers import class_features, normalize
 from vlm_adapt.checkpoints import CHECKPOINT_KEY
 from vlm_adapt.data.inputs import TrainingInputs
 from vlm_adapt.data.label_space import LabelSpace
@@ -101,9 +101,7 @@ class CLIPMethod(L.LightningModule):
 
     def encode_label_space(self, space: LabelSpace) -> Tensor:
         """(C, D) normalized class features: the mean of each class's normalized template features."""
-        features = normalize(self.encode_prompts(space.prompts()))
-        features = features.view(space.num_classes, len(space.templates), -1).mean(dim=1)
-        return normalize(features)
+        return class_features(self.encode_prompts(space.prompts()), len(space.templates))
 
     def training_loss(self, logits: Tensor, labels: Tensor, text_features: Tensor) -> Tensor:
         """Cross-entropy over the current label space; methods add their regularisers here."""

@@ -53,7 +53,7 @@ from torch import Tensor
 
 from vlm_adapt.backbones import Backbone
 from vlm_adapt.backbones.loading import count_parameters
-from vlm_adapt.backbones.towers import normalize
+from vlm_adapt.backbones.towers import class_features, normalize
 from vlm_adapt.data.inputs import TrainingInputs
 from vlm_adapt.data.sample_cache import CacheRequest
 from vlm_adapt.data.samplers import single_class_batches
@@ -291,13 +291,6 @@ class SkipTuning(CLIPMethod):
         indices, labels = batch
         tokens = self.sample_caches.rows(TOKENS_CACHE, indices, self.device, self.current_epoch)
         return self.cached_forward(tokens, labels)
-
-def class_features(features: Tensor, num_templates: int) -> Tensor:
-    """Class-major prompt features -> (C, D): the normalized mean of each class's normalized template
-    features (as `CLIPMethod.encode_label_space`)."""
-    features = normalize(features)
-    return normalize(features.view(-1, num_templates, features.shape[-1]).mean(dim=1))
-
 
 def check_options(
     drop_ratio: float, top_ratio: float, max_top: int | None, pdf_scale: float, keep_mask: str,

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlm_adapt.backbones import Backbone
-from vlm_adapt.backbones.towers import normalize
+from vlm_adapt.backbones.towers import class_features
 from vlm_adapt.data.feature_cache import FeatureCache, TowerStates
 from vlm_adapt.data.inputs import TrainingInputs
 from vlm_adapt.data.label_space import LabelSpace
@@ -195,8 +195,7 @@ class UniPT(CLIPMethod):
         chunks = self._prompt_chunks(space)
         features = torch.cat([self.text_parallel(states.to(self.device)) for _, states in chunks])
         order = torch.cat([rows for rows, _ in chunks]).to(self.device)
-        features = normalize(features[torch.argsort(order)])
-        return normalize(features.view(space.num_classes, len(space.templates), -1).mean(dim=1))
+        return class_features(features[torch.argsort(order)], len(space.templates))
 
     def text_features_need_grad(self) -> bool:
         return any(p.requires_grad for p in self.text_parallel.parameters())
