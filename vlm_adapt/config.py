@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -32,6 +33,14 @@ def slurm_gpus(accelerator: str, devices: int) -> int:
 def path_name(path: str) -> str:
     """The last component of a path (`${vlm_adapt_path_name:${hydra:sweep.dir}}` names a sweep)."""
     return Path(str(path)).name
+
+
+def multiply(*factors: int) -> int:
+    """The product of integers (`${vlm_adapt_mul:${method.iterations_per_shot},${protocol.shots}}`)."""
+    if any(factor is None for factor in factors):
+        raise ValueError(f"a step count is a product of numbers, got {list(factors)} (protocol.shots=null trains on "
+                         "every image, so iterations x shots has no value)")
+    return math.prod(int(factor) for factor in factors)
 
 
 def wandb_offline() -> bool:
@@ -72,6 +81,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("vlm_adapt_slurm_gpus", slurm_gpus)
     if not OmegaConf.has_resolver("vlm_adapt_wandb_offline"):
         OmegaConf.register_new_resolver("vlm_adapt_wandb_offline", wandb_offline)
+    if not OmegaConf.has_resolver("vlm_adapt_mul"):
+        OmegaConf.register_new_resolver("vlm_adapt_mul", multiply)
     if not OmegaConf.has_resolver("vlm_adapt_path_name"):
         OmegaConf.register_new_resolver("vlm_adapt_path_name", path_name)
 

@@ -2,9 +2,9 @@
 
 The data configs (`conf/data/*.yaml`) carry CoOp's templates (`prompt_templates: dataset`). Some
 papers' code uses its own: Skip Tuning's `trainers/baselines/ft_clip.py` differs from CoOp's on 8 of
-the 11 datasets and on ImageNet-Sketch, -A and -R, and CLIPFit's on DTD. `prompt_templates=<set>`
-applies a set to the training dataset and to every cross-dataset / domain-generalization target; a
-dataset the set does not list keeps its config's template.
+the 11 datasets and on ImageNet-Sketch, -A and -R, CLIPFit's on DTD, and CLIP-LoRA prompts all 11 with
+"a photo of a {}.". `prompt_templates=<set>` applies a set to the training dataset and to every
+cross-dataset / domain-generalization target; a dataset the set does not list keeps its config's template.
 """
 
 from __future__ import annotations
@@ -32,7 +32,14 @@ SKIP_TUNING = {
 # minglllli/CLIPFit trainers/ClipFit.py: CoOp's templates (the data configs') except DTD
 CLIPFIT = {"dtd": "a photo of a {}, a type of texture."}
 
-TEMPLATE_SETS: dict[str, dict[str, str]] = {"skip_tuning": SKIP_TUNING, "clipfit": CLIPFIT}
+# MaxZanella/CLIP-LoRA datasets/*.py: every dataset's `template` is "a photo of a {}." (the dataset-specific
+# ones are commented out), and lora.py prompts with template[0] in training and test
+CLIP_LORA = {name: "a photo of a {}." for name in (
+    "caltech101", "dtd", "eurosat", "fgvc_aircraft", "food101", "imagenet", "oxford_flowers", "oxford_pets",
+    "stanford_cars", "sun397", "ucf101",
+)}
+
+TEMPLATE_SETS: dict[str, dict[str, str]] = {"skip_tuning": SKIP_TUNING, "clipfit": CLIPFIT, "clip_lora": CLIP_LORA}
 
 
 def templates_for(dataset_cfg: dict, template_set: str | None) -> tuple[str, ...]:

@@ -5,7 +5,8 @@
   rate `warmup_lr` for W epochs; the cosine then counts from 0 at epoch W over T = total epochs (warm-up
   included), so epoch e >= W uses base * (1 + cos(pi (e - W) / T)) / 2 and the last epoch never reaches 0.
 - `cosine` (vlm_adapt's own): the warm-up holds each group at `warmup_lr` scaled by its share of the
-  first group's rate, then the cosine runs over the remaining T - W periods and ends at 0.
+  first group's rate, then the cosine runs over the remaining T - W periods and ends at `eta_min`
+  (default 0; CLIP-LoRA's `CosineAnnealingLR(T_max=iterations, eta_min=1e-6)` without warm-up).
 - `clip4clip` (UniPT's retrieval recipe, per step): BertAdam's `warmup_cosine` - linear warm-up over the
   first `warmup_proportion` of the steps, then base * (1 + cos(pi x)) / 2 at progress x = step / total.
 - `none`: a constant rate.
@@ -41,7 +42,8 @@ def clip4clip_factor(step: int, total: int, warmup_proportion: float) -> float:
 
 
 def build_scheduler(optimizer: Optimizer, cfg: dict[str, Any] | None, total: int) -> LRScheduler | None:
-    """`cfg`: {name, warmup: W, warmup_lr: lr, warmup_proportion: p}; `total` periods (epochs or steps)."""
+    """`cfg`: {name, warmup: W, warmup_lr: lr, warmup_proportion: p, eta_min}; `total` periods (epochs or
+    steps)."""
     cfg = cfg or {}
     name = cfg.get("name", "none")
     if name in (None, "none"):
@@ -58,7 +60,7 @@ def build_scheduler(optimizer: Optimizer, cfg: dict[str, Any] | None, total: int
     if name == "clip4clip":
         proportion = float(cfg.get("warmup_proportion", 0.1))
         return LambdaLR(optimizer, lambda step: clip4clip_factor(step, total, proportion))
-    cosine = CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
+    cosine = CosineAnnealingLR(optimizer, T_max=max(1, total - warmup), eta_min=float(cfg.get("eta_min", 0.0)))
     if warmup <= 0:
         return cosine
     hold = ConstantLR(optimizer, factor=float(cfg.get("warmup_lr", base_lrs[0])) / base_lrs[0], total_iters=warmup)
