@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from hydra import compose, initialize_config_module
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from method_contract import build_imagenet_variants
 from omegaconf import OmegaConf
 
 from vlm_adapt.backbones.towers import CLIPTowers
@@ -77,32 +77,11 @@ def test_a_target_named_like_the_source_is_refused_before_training(make_cfg):
         build_datamodule(cfg)
 
 
-def _link_classes(folder: Path, wnids: list[str]) -> None:
-    folder.mkdir(parents=True)
-    for wnid in wnids:
-        (folder / wnid).symlink_to(SHARED_DATA / "imagenet-samples" / "images" / wnid)
-
-
 @pytest.fixture
 def imagenet_variants(tmp_path: Path) -> tuple[Path, dict[str, list[str]]]:
     """The four ImageNet variants in their usual (CoOp DATASETS.md) layouts, built from imagenet-samples."""
     root = tmp_path / "data"
-    classnames = SHARED_DATA / "imagenet-samples" / "classnames.txt"
-    wnids = [wnid for wnid, _ in IMAGENET_CLASSES]
-    subsets = {"imagenet_a": [wnids[i] for i in (999, 1, 42, 300, 7)], "imagenet_r": [wnids[i] for i in (5, 500, 3)]}
-    for name, folder in (("imagenet_a", "imagenet-adversarial/imagenet-a"),
-                         ("imagenet_r", "imagenet-rendition/imagenet-r")):
-        _link_classes(root / folder, subsets[name])
-        shutil.copy(classnames, root / folder.split("/")[0] / "classnames.txt")
-    v2 = root / "imagenetv2" / "imagenetv2-matched-frequency-format-val"
-    v2.mkdir(parents=True)
-    for index, wnid in enumerate(wnids):  # the release names class folders 0..999
-        (v2 / str(index)).symlink_to(SHARED_DATA / "imagenet-samples" / "images" / wnid)
-    shutil.copy(classnames, root / "imagenetv2" / "classnames.txt")
-    _link_classes(root / "imagenet-sketch" / "images", wnids)
-    shutil.copy(classnames, root / "imagenet-sketch" / "classnames.txt")
-    (root / "imagenette").symlink_to(SHARED_DATA / "imagenette")
-    return root, subsets
+    return root, build_imagenet_variants(root)
 
 
 def test_domain_generalization_reads_the_usual_variant_layouts(make_cfg, imagenet_variants):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_cfg
+from conftest import TINY_METHOD_OVERRIDES, compose_cfg
 
 from vlm_adapt.backbones import load_backbone
 from vlm_adapt.build import build_method, to_plain
@@ -168,9 +168,8 @@ EXPERIMENTS = sorted(
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_builds_its_method(experiment, tmp_path):
-    cfg = compose(tmp_path, f"experiment={experiment}", "backbone=tiny", "++method.module.start_layer=2")
-    if cfg.method.name != "skip_tuning":
-        cfg = compose(tmp_path, f"experiment={experiment}", "backbone=tiny")
+    method = compose(tmp_path, f"experiment={experiment}", "backbone=tiny").method.name
+    cfg = compose(tmp_path, f"experiment={experiment}", "backbone=tiny", *TINY_METHOD_OVERRIDES.get(method, []))
     build_method(cfg.method.module, load_backbone("vlm-tiny", None))
     if "scheduler" in cfg.method.module:
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
