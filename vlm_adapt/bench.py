@@ -40,7 +40,7 @@ from vlm_adapt import config as _config
 from vlm_adapt.bench_worker import TIMING_FILE, run_job
 from vlm_adapt.build import method_class
 from vlm_adapt.data.splits import IMAGE_SUFFIXES, read_classnames_file
-from vlm_adapt.errors import ConfigError, DatasetNotFoundError
+from vlm_adapt.errors import ConfigError, DatasetNotFoundError, exit_on_user_error
 from vlm_adapt.methods.registry import registered_methods
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,7 @@ def job_config(cfg: DictConfig, method: str, job_dir: Path, split_file: Path, ac
         "paths.output_dir": str(job_dir),
         "method.batch_size": bench.batch_size,
         "method.max_epochs": bench.epochs,
+        "method.max_steps": -1,  # a step-counted method (CLIP-LoRA) runs the bench's epochs too
         "loader.num_workers": 0,
         "logger": {},
         "callbacks": {"epoch_timer": {
@@ -370,4 +371,5 @@ def run_bench(cfg: DictConfig) -> list[dict[str, Any]]:
 
 @hydra.main(version_base="1.3", config_path=_config.CONFIG_PATH, config_name="bench")
 def main(cfg: DictConfig) -> None:
-    run_bench(cfg)
+    with exit_on_user_error("bench"):
+        run_bench(cfg)
