@@ -99,15 +99,17 @@ def test_release_frees_rows_and_an_undeclared_request_or_no_datamodule_is_refuse
         SampleCaches([], {}).bind(object(), method_name="method=skip_tuning")
 
 
-def test_every_named_cache_a_method_declares_has_its_request():
-    from vlm_adapt.backbones import load_backbone
+def test_every_named_cache_a_method_declares_has_its_request(make_cfg):
+    from conftest import tiny_method_overrides
+
+    from vlm_adapt.build import build_backbone, build_method
     from vlm_adapt.methods.registry import registered_methods
 
-    options = {"skip_tuning": {"start_layer": 2}, "maple": {"prompt_depth": 2}}
     for name, spec in registered_methods().items():
         declared = {cache.name: cache.refresh for cache in spec.caches if cache.name}
         if not declared:
             continue
-        model = spec.cls(load_backbone("vlm-tiny", None), **options.get(name, {}))
+        cfg = make_cfg(*tiny_method_overrides(name))
+        model = build_method(cfg.method.module, build_backbone(cfg))
         assert {r.name: r.refresh for r in model.cache_requests()} == declared, name
         assert bool(model.sample_caches)

@@ -18,17 +18,16 @@ the initial alpha and beta, AdamW and a per-step cosine; then the same search on
 How it plugs into the loop. The cache needs each training image's own views, so it is the shared cache
 service's `keys` cache (`vlm_adapt/data/sample_cache.py`): the training images with the reference's
 augmentation, read `augment_epoch` times in dataset order and averaged (built at `on_train_start`, once
-the model is on its device). Collecting the views
-through `observe` over epochs is not possible: the task's training batches are shuffled and carry no
-dataset index, so the views of one image could not be averaged. The training batches are therefore
-`(index, label)` pairs with no image read (`training_inputs`): the training-free variant ignores them,
-Tip-Adapter-F looks each image's feature up in the service's per-epoch `epoch_views` cache of one fresh
-augmented view per training image (the encoder is frozen, so this is the reference's per-step encoding, done once per
-image and epoch). Every view is drawn from a generator seeded by the run's seed and the view (or
-epoch), with the global random state forked, so each DDP rank builds the same cache and a resumed run
-the same epoch. Validation features come from the task's `observe("val", ...)` (training-free) or
-from `on_validation_batch_end` (-F, whose validation steps are the ordinary ones); they are gathered
-over ranks before the search.
+the model is on its device). Collecting the views through `observe` over epochs is not possible: the
+task's training batches are shuffled and carry no dataset index, so the views of one image could not be
+averaged. The training batches are therefore `(index, label)` pairs with no image read
+(`training_inputs`): the training-free variant ignores them, Tip-Adapter-F looks each image's feature up
+in the service's per-epoch `epoch_views` cache of one fresh augmented view per training image (the
+encoder is frozen, so this is the reference's per-step encoding, done once per image and epoch). Every
+view is drawn from a generator seeded by the run's seed and the view (or epoch), with the global random
+state forked, so each DDP rank builds the same cache and a resumed run the same epoch. Validation
+features come from the task's `observe("val", ...)` (training-free) or from `on_validation_batch_end`
+(-F, whose validation steps are the ordinary ones); they are gathered over ranks before the search.
 
 Checkpoints hold the keys, the values, alpha and beta (`checkpoint_state_names`), so a checkpoint
 evaluates to exactly the logits of the run that wrote it. Memory: the keys are N x D, the values
