@@ -37,6 +37,9 @@ FAST = [
 TINY_METHOD_OVERRIDES = {
     "skip_tuning": ["method.module.start_layer=2"],
     "maple": ["method.module.prompt_depth=2"],
+    "vpt_deep": ["method.module.prompt_depth_vision=3"],
+    "tcp": ["method.module.insert_layer=2"],
+    "ivlp": ["method.module.prompt_depth_text=3", "method.module.prompt_depth_vision=2"],
 }
 
 

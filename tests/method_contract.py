@@ -174,3 +174,35 @@ def build_imagenet_variants(root: Path) -> dict[str, list[str]]:
     for name in ("imagenette", "imagenet-samples"):
         (root / name).symlink_to(SHARED_DATA / name)
     return subsets
+
+
+def reference_prompted_text_features(clip, tokenizer, prefix: str, ctx, deep: list, classnames) -> torch.Tensor:
+    """The deep-prompt references' TextEncoder (muzairkhattak/multimodal-prompt-learning) over all 77 positions:
+    "<prefix> <class>." with `ctx` at positions 1..M, replaced by deep[i - 1] before text block i (1 <= i <=
+    len(deep)); normalized EOT features."""
+    m = len(ctx)
+    tokens = tokenizer([f"{prefix} {name}." for name in classnames])
+    words = clip.token_embedding(tokens)
+    x = torch.cat([words[:, :1], ctx.expand(len(tokens), -1, -1), words[:, 1 + m:]], dim=1)
+    x = x + clip.positional_embedding
+    for i, block in enumerate(clip.transformer.resblocks):
+        if 1 <= i <= len(deep):
+            x = torch.cat([x[:, :1], deep[i - 1].expand(len(tokens), -1, -1), x[:, 1 + m:]], dim=1)
+        x = block(x, attn_mask=clip.attn_mask)
+    x = clip.ln_final(x)[torch.arange(len(tokens)), tokens.argmax(-1)] @ clip.text_projection
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+def reference_prompted_image_features(visual, first, deep: list, images) -> torch.Tensor:
+    """The deep-prompt references' VisionTransformer: `first` appended after the positional embedding, before
+    ln_pre; before block i (1 <= i <= len(deep)) the last tokens replaced by deep[i - 1]; ln_post on the class
+    token, then the projection."""
+    n, m = len(images), len(first)
+    x = visual.conv1(images).flatten(2).permute(0, 2, 1)
+    x = torch.cat([visual.class_embedding.expand(n, 1, -1), x], dim=1) + visual.positional_embedding
+    x = visual.ln_pre(torch.cat([x, first.expand(n, -1, -1)], dim=1))
+    for i, block in enumerate(visual.transformer.resblocks):
+        if 1 <= i <= len(deep):
+            x = torch.cat([x[:, : x.shape[1] - m], deep[i - 1].expand(n, -1, -1)], dim=1)
+        x = block(x)
+    return visual.ln_post(x[:, 0]) @ visual.proj

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from method_contract import assert_loss_falls, train_then_evaluate
+from method_contract import (
+    assert_loss_falls,
+    reference_prompted_image_features,
+    reference_prompted_text_features,
+    train_then_evaluate,
+)
 
 from vlm_adapt.backbones import load_backbone
-from vlm_adapt.backbones.towers import normalize
 from vlm_adapt.data.label_space import LabelSpace
 from vlm_adapt.errors import ConfigError
 from vlm_adapt.methods.maple import MaPLe
@@ -39,33 +43,16 @@ def test_trains_3555072_parameters_at_vit_b16():
 
 def reference_text_features(model: MaPLe, space: LabelSpace) -> torch.Tensor:
     """The reference TextEncoder: all 77 positions, prompts replaced at positions 1..M of blocks 1..J-1."""
-    clip, m = model.clip, model.n_ctx
-    tokens = model.tokenizer([f"a photo of a {name}." for name in space.classnames])
-    words = clip.token_embedding(tokens)
-    x = torch.cat([words[:, :1], model.ctx.expand(len(tokens), -1, -1), words[:, 1 + m:]], dim=1)
-    x = x + clip.positional_embedding
-    for i, block in enumerate(clip.transformer.resblocks):
-        if 1 <= i < model.prompt_depth:
-            deep = model.compound_prompts_text[i - 1].expand(len(tokens), -1, -1)
-            x = torch.cat([x[:, :1], deep, x[:, 1 + m:]], dim=1)
-        x = block(x, attn_mask=clip.attn_mask)
-    x = clip.ln_final(x)[torch.arange(len(tokens)), tokens.argmax(-1)] @ clip.text_projection
-    return normalize(x)
+    return reference_prompted_text_features(model.clip, model.tokenizer, "a photo of a", model.ctx,
+                                            list(model.compound_prompts_text), space.classnames)
 
 
 def reference_image_features(model: MaPLe, images: torch.Tensor) -> torch.Tensor:
     """The reference VisionTransformer_MaPLe: proj(ctx) appended before ln_pre, the last M tokens of blocks
     1..J-1 replaced by the projected deep prompts, ln_post on the class token."""
-    visual, m, n = model.clip.visual, model.n_ctx, len(images)
-    x = visual.conv1(images).flatten(2).permute(0, 2, 1)
-    x = torch.cat([visual.class_embedding.expand(n, 1, -1), x], dim=1) + visual.positional_embedding
-    x = visual.ln_pre(torch.cat([x, model.proj(model.ctx).expand(n, -1, -1)], dim=1))
-    for i, block in enumerate(visual.transformer.resblocks):
-        if 1 <= i < model.prompt_depth:
-            deep = model.compound_prompt_projections[i - 1](model.compound_prompts_text[i - 1])
-            x = torch.cat([x[:, : x.shape[1] - m], deep.expand(n, -1, -1)], dim=1)
-        x = block(x)
-    return visual.ln_post(x[:, 0]) @ visual.proj
+    deep = [project(prompt) for project, prompt in zip(model.compound_prompt_projections,
+                                                        model.compound_prompts_text, strict=True)]
+    return reference_prompted_image_features(model.clip.visual, model.proj(model.ctx), deep, images)
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3])

@@ -3,8 +3,9 @@
 The data configs (`conf/data/*.yaml`) carry CoOp's templates (`prompt_templates: dataset`). Some
 papers' code uses its own: Skip Tuning's `trainers/baselines/ft_clip.py` differs from CoOp's on 8 of
 the 11 datasets and on ImageNet-Sketch, -A and -R, CLIPFit's on DTD, and CLIP-LoRA prompts all 11 with
-"a photo of a {}.". `prompt_templates=<set>` applies a set to the training dataset and to every
-cross-dataset / domain-generalization target; a dataset the set does not list keeps its config's template.
+"a photo of a {}." (VPT's reference every dataset, the ImageNet variants too: `photo`). `prompt_templates=<set>`
+applies a set to the training dataset and to every cross-dataset / domain-generalization target; a dataset the
+set does not list keeps its config's template.
 """
 
 from __future__ import annotations
@@ -39,7 +40,15 @@ CLIP_LORA = {name: "a photo of a {}." for name in (
     "stanford_cars", "sun397", "ucf101",
 )}
 
-TEMPLATE_SETS: dict[str, dict[str, str]] = {"skip_tuning": SKIP_TUNING, "clipfit": CLIPFIT, "clip_lora": CLIP_LORA}
+# muzairkhattak/multimodal-prompt-learning trainers/vpt.py: VPT's frozen text side prompts every dataset, the
+# ImageNet variants included, with "a photo of a {}."
+PHOTO = {**CLIP_LORA, **{name: "a photo of a {}." for name in (
+    "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r",
+)}}
+
+TEMPLATE_SETS: dict[str, dict[str, str]] = {
+    "skip_tuning": SKIP_TUNING, "clipfit": CLIPFIT, "clip_lora": CLIP_LORA, "photo": PHOTO,
+}
 
 
 def templates_for(dataset_cfg: dict, template_set: str | None) -> tuple[str, ...]:
