@@ -2,10 +2,11 @@
 
 The data configs (`conf/data/*.yaml`) carry CoOp's templates (`prompt_templates: dataset`). Some
 papers' code uses its own: Skip Tuning's `trainers/baselines/ft_clip.py` differs from CoOp's on 8 of
-the 11 datasets and on ImageNet-Sketch, -A and -R, CLIPFit's on DTD, and CLIP-LoRA prompts all 11 with
-"a photo of a {}." (VPT's reference every dataset, the ImageNet variants too: `photo`). `prompt_templates=<set>`
-applies a set to the training dataset and to every cross-dataset / domain-generalization target; a dataset the
-set does not list keeps its config's template.
+the 11 datasets and on ImageNet-Sketch, -A and -R, CLIPFit's on DTD, ProGrad's on 5 (Pets, Flowers,
+Aircraft, DTD, Food101), and CLIP-LoRA prompts all 11 with "a photo of a {}." (VPT's reference every
+dataset, the ImageNet variants too: `photo`). `prompt_templates=<set>` applies a set to the training
+dataset and to every cross-dataset / domain-generalization target; a dataset the set does not list keeps
+its config's template.
 """
 
 from __future__ import annotations
@@ -46,8 +47,28 @@ PHOTO = {**CLIP_LORA, **{name: "a photo of a {}." for name in (
     "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r",
 )}}
 
+# BeierZhu/Prompt-align trainers/prograd.py CUSTOM_TEMPLATES: ProGrad's zero-shot classifier and, with
+# CTX_INIT, its context words (the template without " {}."); every template ends in " {}."
+PROGRAD = {
+    "oxford_pets": "a type of pet, a photo of a {}.",
+    "oxford_flowers": "a type of flower, a photo of a {}.",
+    "fgvc_aircraft": "a type of aircraft, a photo of a {}.",
+    "dtd": "a texture of {}.",
+    "eurosat": "a centered satellite photo of {}.",
+    "stanford_cars": "a photo of a {}.",
+    "food101": "a type of food, a photo of {}.",
+    "sun397": "a photo of a {}.",
+    "caltech101": "a photo of a {}.",
+    "ucf101": "a photo of a person doing {}.",
+    "imagenet": "a photo of a {}.",
+    "imagenet_sketch": "a photo of a {}.",
+    "imagenet_v2": "a photo of a {}.",
+    "imagenet_a": "a photo of a {}.",
+    "imagenet_r": "a photo of a {}.",
+}
+
 TEMPLATE_SETS: dict[str, dict[str, str]] = {
-    "skip_tuning": SKIP_TUNING, "clipfit": CLIPFIT, "clip_lora": CLIP_LORA, "photo": PHOTO,
+    "skip_tuning": SKIP_TUNING, "clipfit": CLIPFIT, "clip_lora": CLIP_LORA, "photo": PHOTO, "prograd": PROGRAD,
 }
 
 
