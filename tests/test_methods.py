@@ -33,14 +33,30 @@ def trainable_names(cfg) -> list[str]:
     return model.trainable_parameter_names()
 
 
-@pytest.mark.parametrize("dataset", DATASETS)
-@pytest.mark.parametrize("method", METHODS)
-def test_every_method_composes_with_every_dataset(make_cfg, method, dataset):
+def assert_composes(make_cfg, method: str, dataset: str) -> None:
     cfg = make_cfg(f"method={method}", f"data={dataset}", "data.root=/any/where")
     assert cfg.method.module._target_.startswith("vlm_adapt.methods.")
     assert cfg.data.name and cfg.data.root == "/any/where"
     if cfg.data.layout != "coco_captions":  # classification datasets prompt with templates
         assert cfg.data.templates
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_composes_with_a_dataset(make_cfg, method):
+    assert_composes(make_cfg, method, "dtd")
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_every_dataset_composes_with_a_method(make_cfg, dataset):
+    assert_composes(make_cfg, "coop", dataset)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dataset", DATASETS)
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_composes_with_every_dataset(make_cfg, method, dataset):
+    """The whole product (the groups are independent, so the fast tests above take one side each)."""
+    assert_composes(make_cfg, method, dataset)
 
 
 def test_coop_trains_only_the_context(make_cfg):

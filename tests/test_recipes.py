@@ -1,11 +1,8 @@
 """The paper experiments compose to the reference implementations' recipes (values from their configs)."""
 
-from importlib import resources
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import TINY_METHOD_OVERRIDES, compose_cfg
+from conftest import compose_cfg
 
 from vlm_adapt.backbones import load_backbone
 from vlm_adapt.build import build_method, to_plain
@@ -158,19 +155,3 @@ def test_unipt_retrieval_is_the_references_clip4clip_recipe(tmp_path):
     groups = {g["name"]: g for g in build_param_groups(named, None, module["no_decay_names"])}
     assert {id(p) for p in groups["default/no_decay"]["params"]} == {id(p) for n, p in named if "bias" in n}
     assert model.image_parallel.token_down[0][1].out_features == 64  # embed_dim / 1 on the tiny model
-
-
-EXPERIMENTS = sorted(
-    Path(entry.name).stem for entry in (resources.files("vlm_adapt.conf") / "experiment").iterdir()
-    if entry.name.endswith(".yaml")
-)
-
-
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_composes_and_builds_its_method(experiment, tmp_path):
-    method = compose(tmp_path, f"experiment={experiment}", "backbone=tiny").method.name
-    cfg = compose(tmp_path, f"experiment={experiment}", "backbone=tiny", *TINY_METHOD_OVERRIDES.get(method, []))
-    build_method(cfg.method.module, load_backbone("vlm-tiny", None))
-    if "scheduler" in cfg.method.module:
-        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        build_scheduler(optimizer, to_plain(cfg.method.module.scheduler), 10)
