@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA, compose_cfg
+from conftest import REPO, SHARED_DATA, compose_cfg
 from hydra import compose, initialize_config_module
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
@@ -163,6 +163,35 @@ def test_paper_sweep_takes_a_method_recipe_and_narrowing_overrides(tmp_path):
     cfg = compose_cfg(tmp_path, jobs[0])
     assert (cfg.method.name, cfg.protocol.name, cfg.protocol.shots, cfg.data.name) == ("clipfit", "base2new", 16, "dtd")
     assert cfg.method.module.reg_weight == 8.0
+
+
+def base2new_recipes() -> set[str]:
+    """Every method's base-to-new paper recipe: conf/experiment/<name>_base2new.yaml, the sweeps left out."""
+    folder = REPO / "conf" / "experiment"
+    return {p.stem for p in folder.glob("*_base2new.yaml") if not p.stem.startswith("paper_")}
+
+
+def test_the_comparison_table_sweeps_every_base2new_recipe_over_11_datasets_and_3_seeds(tmp_path):
+    recipes = base2new_recipes()
+    jobs = expand_sweep(["experiment=paper_comparison_base2new"])
+    assert len(jobs) == len(recipes) * 11 * 3
+    assert {job_value(job, "+experiment@_global_") for job in jobs} == recipes
+    assert len({job_value(job, "data") for job in jobs}) == 11 and {job_value(job, "seed") for job in jobs} == {
+        "1", "2", "3"}
+    assert len({tuple(sorted(job)) for job in jobs}) == len(jobs)
+    for job in {job_value(job, "+experiment@_global_"): job for job in jobs}.values():  # one job of each recipe
+        cfg = compose_cfg(tmp_path, job)
+        recipe = job_value(job, "+experiment@_global_")
+        method = {"ft_skip_tuning": "ft"}.get(recipe.removesuffix("_base2new"), recipe.removesuffix("_base2new"))
+        assert (cfg.task_name, cfg.method.name) == (recipe, method)
+        assert (cfg.protocol.name, cfg.protocol.shots) == ("base2new", 16)
+
+
+def test_the_comparison_table_narrows_to_chosen_recipes(tmp_path):
+    jobs = expand_sweep(["experiment=paper_comparison_base2new", "+experiment@_global_=coop_base2new,maple_base2new",
+                         "data=dtd", "seed=1"])
+    assert sorted(job_value(job, "+experiment@_global_") for job in jobs) == ["coop_base2new", "maple_base2new"]
+    assert compose_cfg(tmp_path, jobs[-1]).method.module.prompt_depth == 9
 
 
 def job_value(job: list[str], key: str) -> str | None:

@@ -22,7 +22,9 @@ from conftest import FAST, REPO
 from PIL import Image
 
 from vlm_adapt.cli import main as vlm_adapt_main
+from vlm_adapt.report.runs import Run
 from vlm_adapt.report.stats import harmonic_mean
+from vlm_adapt.report.tables import comparison_table
 
 SWEEP_FAST = [*FAST, "trainer.limit_test_batches=1", "callbacks=none", "logger=none"]
 PLOTS = ("accuracy_vs_shots", "accuracy_vs_params", "accuracy_vs_memory")
@@ -112,6 +114,53 @@ def test_report_tables_match_the_runs_metrics(base2new_sweep, tmp_path):
     assert not (out / "accuracy_vs_shots.png").exists()  # no few-shot runs in this sweep
     for name in PLOTS[1:]:
         assert_png(out / f"{name}.png")
+
+
+def test_comparison_table_has_the_papers_layout_from_a_real_sweep(base2new_sweep, tmp_path):
+    """Methods as rows, average Base / New / HM, each dataset's HM as a column, the cost beside them."""
+    out = tmp_path / "report"
+    report(base2new_sweep, "--out", out)
+    rows = {row["Method"]: row for row in read_csv(out / "comparison.csv")}
+    assert set(rows) == {"zero_shot", "coop"}
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for record in records(base2new_sweep):
+        by_method[record["method"]].append(record)
+    for method, row in rows.items():
+        runs = by_method[method]
+        assert row["Datasets"] == "1"
+        assert_stat(row, "Base", [r["metrics"]["test/base/acc"] for r in runs])
+        assert_stat(row, "imagenette", [r["metrics"]["test/hm"] for r in runs])
+        fit_times = [r["cost"]["fit_time_s"] for r in runs if "fit_time_s" in r["cost"]]
+        assert len(fit_times) == (0 if method == "zero_shot" else len(runs))  # zero-shot does not fit
+        if fit_times:
+            assert_stat(row, "Train time (s)", fit_times)
+        else:
+            assert row["Train time (s) n"] == "0"
+        assert_stat(row, "Trainable params", [r["cost"]["trainable_params"] for r in runs])
+    assert "### Base-to-new comparison" in (out / "report.md").read_text()
+
+
+def _b2n_run(method: str, dataset: str, seed: int, base: float, new: float, seconds: float) -> Run:
+    return Run(Path(f"/runs/{method}/{dataset}/{seed}"), "completed", method, dataset, "base2new", 16, seed,
+               "ViT-B-16", None, True, metrics={"test/base/acc": base, "test/new/acc": new,
+                                                "test/hm": harmonic_mean(base, new)},
+               cost={"trainable_params": 10, "fit_time_s": seconds, "train_memory_mb": 5.0, "peak_memory_mb": 9.0})
+
+
+def test_comparison_table_orders_datasets_as_the_papers_and_leaves_missing_cells_empty():
+    runs = [_b2n_run("coop", "dtd", seed, 80 + seed, 60, 10 * seed) for seed in (1, 2)]
+    runs += [_b2n_run("coop", "imagenet", seed, 70, 50 + seed, 5) for seed in (1, 2)]
+    runs += [_b2n_run("maple", "dtd", 1, 90, 90, 7)]
+    table = comparison_table(runs)
+    assert table.columns[7:9] == ["imagenet", "dtd"]  # ImageNet first, as in the papers, whatever the run order
+    coop, maple = table.rows  # lowest average HM first
+    assert (coop[0], maple[0]) == ("coop", "maple")
+    assert maple[7] is None and maple[8].values == (90.0,)
+    per_seed_hm = [harmonic_mean((80 + s + 70) / 2, (60 + 50 + s) / 2) for s in (1, 2)]
+    assert coop[6].values == pytest.approx(per_seed_hm)
+    assert coop[4].values == pytest.approx([75.5, 76.0])
+    assert coop[8].values == pytest.approx([harmonic_mean(81, 60), harmonic_mean(82, 60)])
+    assert coop[9].values == (10.0,) * 4 and coop[10].values == pytest.approx([10, 20, 5, 5])
 
 
 @pytest.mark.slow

@@ -175,3 +175,24 @@ def test_ddp_job_runs_one_slurm_task_per_rank(start_sweep, make_cfg, tmp_path):
     train(make_cfg("method=zero_shot", "loader.eval_batch_size=50", output="single"))
     single = json.loads((tmp_path / "single" / "metrics.json").read_text())["metrics"]["test/imagenette/acc"]
     assert ddp == single
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_comparison_table_script_runs_its_recipes_as_slurm_jobs_and_reports(tmp_path, slurm_cluster):
+    """experiments/comparison_table.sh narrowed to two recipes on one dataset and seed: two Slurm jobs, one report."""
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "SWEEP_DIR": str(sweep), "VLM_ADAPT": f"{sys.executable} -m vlm_adapt",
+           "VLM_ADAPT_LOG_DIR": str(tmp_path / "logs"), "TRAINER": "cpu"}
+    recipes = "+experiment@_global_=zero_shot_base2new,coop_base2new"
+    done = subprocess.run(["bash", str(REPO / "experiments" / "comparison_table.sh"), *FAST, *SLURM, recipes,
+                           "data=imagenette", "seed=1"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    records = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/metrics.json"))]
+    assert sorted((r["method"], r["task_name"], r["status"]) for r in records) == [
+        ("coop", "coop_base2new", "completed"), ("zero_shot", "zero_shot_base2new", "completed")]
+    assert len(list((sweep / ".submitit").glob("*/*_submitted.pkl"))) == 2
+    report = (sweep / "report" / "comparison.csv").read_text().splitlines()
+    assert report[0].startswith("Method,Backbone,Shots,Datasets,Base mean") and "imagenette mean" in report[0]
+    assert sorted(line.split(",")[0] for line in report[1:]) == ["coop", "zero_shot"]

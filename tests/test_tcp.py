@@ -6,12 +6,14 @@ the reference's recipe (htyao89/Textual-based_Class-aware_prompt_tuning)."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_cfg
+from conftest import REPO, compose_cfg
 from method_contract import assert_loss_falls
+from omegaconf import OmegaConf
 
 from vlm_adapt.backbones import load_backbone
 from vlm_adapt.build import build_method, to_plain
 from vlm_adapt.data.label_space import LabelSpace
+from vlm_adapt.data.templates import templates_for
 from vlm_adapt.errors import ConfigError
 from vlm_adapt.methods.kgcoop import KgCoOp
 from vlm_adapt.methods.registry import method_spec
@@ -241,3 +243,16 @@ def test_method_config_builds_the_model_it_describes(tmp_path):
     assert (model.insert_layer, model.class_tokens, model.reg_weight, model.dataset_name) == (3, 4, 8.0, "dtd")
     assert model.knowledge_space(LabelSpace("base", ("banded",), ("{} texture.",))).templates == (
         "a photo of a {}, a type of texture.",)
+
+
+def test_the_knowledge_templates_are_a_template_set_differing_from_coops_on_three_datasets():
+    differing = set()
+    for data, template in REFERENCE_KNOWLEDGE.items():
+        path = REPO / "conf" / "data" / f"{data}.yaml"
+        if not path.is_file():  # the ImageNet variants are targets, configured under conf/data/imagenet_variants
+            continue
+        dataset = OmegaConf.to_container(OmegaConf.load(path))
+        assert templates_for(dataset, "tcp") == (template,), data
+        if templates_for(dataset, "dataset") != (template,):
+            differing.add(data)
+    assert differing == {"fgvc_aircraft", "dtd", "food101"}

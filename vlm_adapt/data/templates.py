@@ -1,12 +1,12 @@
 """Per-dataset prompt templates of the reference implementations, keyed by vlm_adapt's dataset names.
 
-The data configs (`conf/data/*.yaml`) carry CoOp's templates (`prompt_templates: dataset`). Some
-papers' code uses its own: Skip Tuning's `trainers/baselines/ft_clip.py` differs from CoOp's on 8 of
-the 11 datasets and on ImageNet-Sketch, -A and -R, CLIPFit's on DTD, ProGrad's on 5 (Pets, Flowers,
-Aircraft, DTD, Food101), and CLIP-LoRA prompts all 11 with "a photo of a {}." (VPT's reference every
-dataset, the ImageNet variants too: `photo`). `prompt_templates=<set>` applies a set to the training
-dataset and to every cross-dataset / domain-generalization target; a dataset the set does not list keeps
-its config's template.
+The data configs (`conf/data/*.yaml`) carry CoOp's templates (`prompt_templates: dataset`). Some papers'
+code uses its own: Skip Tuning's `trainers/baselines/ft_clip.py` differs from CoOp's on 8 of the 11 datasets
+and on ImageNet-Sketch, -A and -R, CLIPFit's on DTD, ProGrad's on 5 (Pets, Flowers, Aircraft, DTD, Food101),
+TCP's class knowledge on 3 (Aircraft, DTD, Food101: `tcp`), and CLIP-LoRA prompts all 11 with "a photo of a
+{}." (VPT's reference every dataset, the ImageNet variants too: `photo`). `prompt_templates=<set>` applies a
+set to the training dataset and to every cross-dataset / domain-generalization target; a dataset the set
+does not list keeps its config's template.
 """
 
 from __future__ import annotations
@@ -67,8 +67,30 @@ PROGRAD = {
     "imagenet_r": "a photo of a {}.",
 }
 
+# htyao89/Textual-based_Class-aware_prompt_tuning trainers/tcp.py CUSTOM_TEMPLATES_ori (Dassl's dataset names as
+# vlm_adapt's): the hand-crafted prompt whose
+# zero-shot feature is each class's knowledge, the TKE's input and the regulariser's target
+TCP = {
+    "oxford_pets": "a photo of a {}, a type of pet.",
+    "oxford_flowers": "a photo of a {}, a type of flower.",
+    "fgvc_aircraft": "a photo of an aircraft {}.",
+    "dtd": "a photo of a {}, a type of texture.",
+    "eurosat": "a centered satellite photo of {}.",
+    "stanford_cars": "a photo of a {}.",
+    "food101": "a photo of a {}, a type of food.",
+    "sun397": "a photo of a {}.",
+    "caltech101": "a photo of a {}.",
+    "ucf101": "a photo of a person doing {}.",
+    "imagenet": "a photo of a {}.",
+    "imagenet_sketch": "a photo of a {}.",
+    "imagenet_v2": "a photo of a {}.",
+    "imagenet_a": "a photo of a {}.",
+    "imagenet_r": "a photo of a {}.",
+}
+
 TEMPLATE_SETS: dict[str, dict[str, str]] = {
     "skip_tuning": SKIP_TUNING, "clipfit": CLIPFIT, "clip_lora": CLIP_LORA, "photo": PHOTO, "prograd": PROGRAD,
+    "tcp": TCP,
 }
 
 

@@ -39,30 +39,11 @@ from vlm_adapt.backbones import Backbone
 from vlm_adapt.backbones.towers import normalize
 from vlm_adapt.data.base_new import SUBSETS
 from vlm_adapt.data.label_space import LabelSpace
+from vlm_adapt.data.templates import TCP as KNOWLEDGE_TEMPLATES
 from vlm_adapt.errors import ConfigError
 from vlm_adapt.methods.base import CLIPMethod
 from vlm_adapt.methods.kgcoop import KgCoOp
 from vlm_adapt.methods.registry import register_method
-
-# trainers/tcp.py CUSTOM_TEMPLATES_ori (Dassl's dataset names as vlm_adapt's): the hand-crafted prompt whose
-# zero-shot feature is each class's knowledge, the TKE's input and the regulariser's target
-KNOWLEDGE_TEMPLATES = {
-    "oxford_pets": "a photo of a {}, a type of pet.",
-    "oxford_flowers": "a photo of a {}, a type of flower.",
-    "fgvc_aircraft": "a photo of an aircraft {}.",
-    "dtd": "a photo of a {}, a type of texture.",
-    "eurosat": "a centered satellite photo of {}.",
-    "stanford_cars": "a photo of a {}.",
-    "food101": "a photo of a {}, a type of food.",
-    "sun397": "a photo of a {}.",
-    "caltech101": "a photo of a {}.",
-    "ucf101": "a photo of a person doing {}.",
-    "imagenet": "a photo of a {}.",
-    "imagenet_sketch": "a photo of a {}.",
-    "imagenet_v2": "a photo of a {}.",
-    "imagenet_a": "a photo of a {}.",
-    "imagenet_r": "a photo of a {}.",
-}
 
 # trainers/tcp.py CUSTOM_TEMPLATES: the learned prompt is "X X X X <tail>", the context replacing the four
 # X's; UCF101's and the ImageNets' templates begin "a photo of a" instead, four single tokens the context

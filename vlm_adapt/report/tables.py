@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vlm_adapt.report.runs import Run
-from vlm_adapt.report.stats import SeedValues, Stat, average_over_datasets, harmonic_mean
+from vlm_adapt.report.stats import DatasetAverage, SeedValues, Stat, average_over_datasets, harmonic_mean
 
 Cell = str | int | float | Stat | None
 
@@ -53,30 +53,43 @@ def _dropped_note(label: str, dropped: dict[str, tuple[int, ...]], what: str = "
 
 
 # ---------------------------------------------------------------- base-to-new
+Base2NewCells = dict[tuple, dict[str, dict[str, SeedValues]]]  # (label, backbone, shots) -> dataset -> metric -> seeds
+BASE2NEW_METRICS = {"base": "test/base/acc", "new": "test/new/acc", "hm": "test/hm"}
+
+
+def _base2new_cells(runs: list[Run]) -> tuple[Base2NewCells, list[Problem]]:
+    """The completed base2new runs' Base, New and HM, per method variant, dataset and seed."""
+    problems: list[Problem] = []
+    cells: Base2NewCells = defaultdict(lambda: defaultdict(dict))
+    for run in runs:
+        if not (run.completed and run.protocol == "base2new"):
+            continue
+        missing = [key for key in BASE2NEW_METRICS.values() if key not in run.metrics]
+        if missing:
+            problems.append(Problem(run, f"completed without {', '.join(missing)}"))
+            continue
+        per_metric = cells[(*_rows_key(run), run.shots)].setdefault(run.dataset, {m: {} for m in BASE2NEW_METRICS})
+        for name, key in BASE2NEW_METRICS.items():
+            per_metric[name].setdefault(run.seed, []).append(run.metrics[key])
+    return cells, problems
+
+
+def _base2new_averages(per_dataset: dict[str, dict[str, SeedValues]]) -> dict[str, DatasetAverage]:
+    """Per seed, the mean Base and New over datasets, and the HM of those two means."""
+    return {
+        "base": average_over_datasets(per_dataset, metric="base"),
+        "new": average_over_datasets(per_dataset, metric="new"),
+        "hm": average_over_datasets(per_dataset, combine=lambda m: harmonic_mean(m["base"], m["new"])),
+    }
+
+
 def base2new_table(runs: list[Run]) -> tuple[Table, list[Problem]]:
     """Base, New, HM per dataset and their average, per method variant (protocol base2new)."""
     columns = ["Dataset", "Method", "Backbone", "Shots", "Base", "New", "HM"]
     table = Table("base2new", "Base-to-new generalization", columns)
-    problems: list[Problem] = []
-    cells: dict[tuple, dict[str, dict[str, SeedValues]]] = defaultdict(lambda: defaultdict(dict))
-    for run in runs:
-        if not (run.completed and run.protocol == "base2new"):
-            continue
-        needed = {"base": "test/base/acc", "new": "test/new/acc", "hm": "test/hm"}
-        missing = [key for key in needed.values() if key not in run.metrics]
-        if missing:
-            problems.append(Problem(run, f"completed without {', '.join(missing)}"))
-            continue
-        per_metric = cells[(*_rows_key(run), run.shots)].setdefault(run.dataset, {m: {} for m in needed})
-        for name, key in needed.items():
-            per_metric[name].setdefault(run.seed, []).append(run.metrics[key])
-
+    cells, problems = _base2new_cells(runs)
     for (label, backbone, shots), per_dataset in sorted(cells.items(), key=lambda kv: _sort_key(kv[0])):
-        averages = {
-            "base": average_over_datasets(per_dataset, metric="base"),
-            "new": average_over_datasets(per_dataset, metric="new"),
-            "hm": average_over_datasets(per_dataset, combine=lambda m: harmonic_mean(m["base"], m["new"])),
-        }
+        averages = _base2new_averages(per_dataset)
         table.rows.append([_average_name(len(per_dataset)), label, backbone, shots,
                            averages["base"].stat, averages["new"].stat, averages["hm"].stat])
         table.notes += _dropped_note(label, averages["base"].dropped)
@@ -89,6 +102,55 @@ def base2new_table(runs: list[Run]) -> tuple[Table, list[Problem]]:
         "row takes, per seed, the mean Base and New over datasets and their HM."
     )
     return table, problems
+
+
+# The papers' column order (CoOp's DATASETS.md, the CoCoOp / MaPLe / PromptSRC tables); other datasets follow, sorted.
+PAPER_DATASET_ORDER = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
+                       "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
+COMPARISON_COST_COLUMNS = {
+    "Trainable params": "trainable_params",
+    "Train time (s)": "fit_time_s",
+    "Train memory (MB)": "train_memory_mb",
+    "Peak memory (MB)": "peak_memory_mb",
+}
+
+
+def _paper_order(datasets: set[str]) -> list[str]:
+    known = [name for name in PAPER_DATASET_ORDER if name in datasets]
+    return known + sorted(datasets - set(known))
+
+
+def comparison_table(runs: list[Run]) -> Table:
+    """The base-to-new comparison table in the papers' layout: one row per method variant, the average Base,
+    New and HM, then each dataset's HM as a column, then the cost of a run (means over its runs)."""
+    cells, _ = _base2new_cells(runs)
+    datasets = _paper_order({dataset for per_dataset in cells.values() for dataset in per_dataset})
+    table = Table("comparison", "Base-to-new comparison (HM per dataset, cost per run)",
+                  ["Method", "Backbone", "Shots", "Datasets", "Base", "New", "HM", *datasets, *COMPARISON_COST_COLUMNS],
+                  formats={"Datasets": "{}", "Trainable params": "{:,.0f}", "Train time (s)": "{:.1f}",
+                           "Train memory (MB)": "{:.0f}", "Peak memory (MB)": "{:.0f}"}, show_zero_std=False)
+    by_key: dict[tuple, list[Run]] = defaultdict(list)
+    for run in runs:
+        if run.completed and run.protocol == "base2new" and run.cost:
+            by_key[(run.label, run.backbone_label, run.shots)].append(run)
+    for key, per_dataset in sorted(cells.items(), key=lambda kv: _sort_key(kv[0])):
+        averages = _base2new_averages(per_dataset)
+        hm_per_dataset = [
+            Stat.of(v for values in per_dataset[name]["hm"].values() for v in values) if name in per_dataset else None
+            for name in datasets
+        ]
+        cost = [_cost_stat(by_key[key], field_) for field_ in COMPARISON_COST_COLUMNS.values()]
+        table.rows.append([*key, len(per_dataset), averages["base"].stat, averages["new"].stat, averages["hm"].stat,
+                           *hm_per_dataset, *cost])
+        table.notes += _dropped_note(key[0], averages["base"].dropped)
+    table.rows.sort(key=lambda row: (row[6].mean if row[6] and row[6].n else float("-inf")))
+    table.notes.append(
+        "Rows from the lowest to the highest average HM. Base, New, HM: the average over the row's datasets "
+        "(per seed, the mean Base and New over datasets and their HM), mean over seeds; each dataset column is "
+        "that dataset's HM, mean over seeds (empty: not run). Cost: mean over the row's runs of the trainable "
+        "parameters, the time `fit` took, the memory training added over the loaded model and the peak memory."
+    )
+    return table
 
 
 def _sort_key(key: tuple) -> tuple:
@@ -184,7 +246,7 @@ def target_tables(runs: list[Run]) -> tuple[list[Table], list[Problem]]:
     return tables, problems
 
 
-RESERVED_NAMES = {"base2new", "few_shot", "cost", "problems", "runs"}  # other tables' file names
+RESERVED_NAMES = {"base2new", "comparison", "few_shot", "cost", "problems", "runs"}  # other tables' file names
 _TITLES = {"cross_dataset": "Cross-dataset transfer", "domain_generalization": "Domain generalization"}
 
 

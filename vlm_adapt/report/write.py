@@ -13,6 +13,7 @@ from vlm_adapt.report.runs import Run, load_runs, variant_legend
 from vlm_adapt.report.tables import (
     Table,
     base2new_table,
+    comparison_table,
     cost_table,
     few_shot_curves,
     few_shot_table,
@@ -46,7 +47,7 @@ def build_tables(runs: list[Run]) -> dict[str, Table]:
     b2n, b2n_problems = base2new_table(runs)
     fs, fs_problems = few_shot_table(runs)
     targets, target_problems = target_tables(runs)
-    tables = {t.name: t for t in (b2n, fs, *targets, cost_table(runs)) if t.rows}
+    tables = {t.name: t for t in (comparison_table(runs), b2n, fs, *targets, cost_table(runs)) if t.rows}
     tables["problems"] = problems_table(runs, b2n_problems + fs_problems + target_problems)
     return tables
 
