@@ -41,11 +41,14 @@ CLIP_LORA = {name: "a photo of a {}." for name in (
     "stanford_cars", "sun397", "ucf101",
 )}
 
+# ImageNet and its variants prompted with "a photo of a {}." (VPT's, ProGrad's and TCP's tables)
+IMAGENETS_PHOTO = {name: "a photo of a {}." for name in (
+    "imagenet", "imagenet_sketch", "imagenet_v2", "imagenet_a", "imagenet_r",
+)}
+
 # muzairkhattak/multimodal-prompt-learning trainers/vpt.py: VPT's frozen text side prompts every dataset, the
 # ImageNet variants included, with "a photo of a {}."
-PHOTO = {**CLIP_LORA, **{name: "a photo of a {}." for name in (
-    "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r",
-)}}
+PHOTO = {**CLIP_LORA, **IMAGENETS_PHOTO}
 
 # BeierZhu/Prompt-align trainers/prograd.py CUSTOM_TEMPLATES: ProGrad's zero-shot classifier and, with
 # CTX_INIT, its context words (the template without " {}."); every template ends in " {}."
@@ -60,16 +63,12 @@ PROGRAD = {
     "sun397": "a photo of a {}.",
     "caltech101": "a photo of a {}.",
     "ucf101": "a photo of a person doing {}.",
-    "imagenet": "a photo of a {}.",
-    "imagenet_sketch": "a photo of a {}.",
-    "imagenet_v2": "a photo of a {}.",
-    "imagenet_a": "a photo of a {}.",
-    "imagenet_r": "a photo of a {}.",
+    **IMAGENETS_PHOTO,
 }
 
 # htyao89/Textual-based_Class-aware_prompt_tuning trainers/tcp.py CUSTOM_TEMPLATES_ori (Dassl's dataset names as
-# vlm_adapt's): the hand-crafted prompt whose
-# zero-shot feature is each class's knowledge, the TKE's input and the regulariser's target
+# vlm_adapt's): the hand-crafted prompt whose zero-shot feature is each class's knowledge, the TKE's input and
+# the regulariser's target
 TCP = {
     "oxford_pets": "a photo of a {}, a type of pet.",
     "oxford_flowers": "a photo of a {}, a type of flower.",
@@ -81,11 +80,7 @@ TCP = {
     "sun397": "a photo of a {}.",
     "caltech101": "a photo of a {}.",
     "ucf101": "a photo of a person doing {}.",
-    "imagenet": "a photo of a {}.",
-    "imagenet_sketch": "a photo of a {}.",
-    "imagenet_v2": "a photo of a {}.",
-    "imagenet_a": "a photo of a {}.",
-    "imagenet_r": "a photo of a {}.",
+    **IMAGENETS_PHOTO,
 }
 
 TEMPLATE_SETS: dict[str, dict[str, str]] = {

@@ -74,6 +74,11 @@ def _base2new_cells(runs: list[Run]) -> tuple[Base2NewCells, list[Problem]]:
     return cells, problems
 
 
+def _pooled(by_seed: SeedValues) -> Stat:
+    """A dataset's cell: every run's value, over its seeds."""
+    return Stat.of(v for values in by_seed.values() for v in values)
+
+
 def _base2new_averages(per_dataset: dict[str, dict[str, SeedValues]]) -> dict[str, DatasetAverage]:
     """Per seed, the mean Base and New over datasets, and the HM of those two means."""
     return {
@@ -94,7 +99,7 @@ def base2new_table(runs: list[Run]) -> tuple[Table, list[Problem]]:
                            averages["base"].stat, averages["new"].stat, averages["hm"].stat])
         table.notes += _dropped_note(label, averages["base"].dropped)
         for dataset, metrics in sorted(per_dataset.items()):
-            stats = [Stat.of(v for values in metrics[m].values() for v in values) for m in ("base", "new", "hm")]
+            stats = [_pooled(metrics[m]) for m in ("base", "new", "hm")]
             table.rows.append([dataset, label, backbone, shots, *stats])
     table.rows.sort(key=lambda row: (not str(row[0]).startswith("average"), str(row[0]), str(row[1]), str(row[2])))
     table.notes.append(
@@ -136,8 +141,7 @@ def comparison_table(runs: list[Run]) -> Table:
     for key, per_dataset in sorted(cells.items(), key=lambda kv: _sort_key(kv[0])):
         averages = _base2new_averages(per_dataset)
         hm_per_dataset = [
-            Stat.of(v for values in per_dataset[name]["hm"].values() for v in values) if name in per_dataset else None
-            for name in datasets
+            _pooled(per_dataset[name]["hm"]) if name in per_dataset else None for name in datasets
         ]
         cost = [_cost_stat(by_key[key], field_) for field_ in COMPARISON_COST_COLUMNS.values()]
         table.rows.append([*key, len(per_dataset), averages["base"].stat, averages["new"].stat, averages["hm"].stat,
